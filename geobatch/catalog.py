@@ -1,0 +1,74 @@
+"""The catalog: GeoParquet 1.1 tables of objects, scenes and tiles, and region queries over them.
+
+Layout under a job's output folder::
+
+    catalog/objects.parquet   one row per object (see COLUMNS), Hilbert-sorted, bbox covering column
+    catalog/scenes.parquet    one row per scene: status, reason, footprint
+    catalog/tiles.parquet     one row per tile: status, reason, core footprint
+
+Each file is written beside its final name and moved into place, so readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+OBJECT_COLUMNS = (
+    "object_id", "label", "phrase", "score", "area_m2", "pixels", "scene_id", "acquired_at", "run_id", "model",
+)  # fmt: skip
+TABLES = ("objects", "scenes", "tiles")
+
+
+def table_path(output: str | Path, table: str) -> Path:
+    return Path(output) / "catalog" / f"{table}.parquet"
+
+
+def write_table(output: str | Path, table: str, frame: gpd.GeoDataFrame) -> Path:
+    """Write one catalog table as GeoParquet 1.1 (EPSG:4326, bbox covering, spatially sorted)."""
+    if table not in TABLES:
+        raise ValueError(f"unknown catalog table '{table}'; choose from {list(TABLES)}")
+    return write_geoparquet(frame, table_path(output, table))
+
+
+def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
+    """Write ``frame`` to ``path`` as GeoParquet 1.1 in EPSG:4326 with a bbox covering, Hilbert-sorted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = frame.to_crs(4326)
+    frame = frame.iloc[_spatial_order(frame)]
+    partial = path.with_name(path.name + ".partial")
+    frame.to_parquet(partial, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=65536)
+    os.replace(partial, path)
+    return path
+
+
+def _spatial_order(frame: gpd.GeoDataFrame) -> np.ndarray:
+    """Row order along a Hilbert curve over the geometries' centres; rows without geometry go last."""
+    has_geometry = ~(frame.geometry.isna() | frame.geometry.is_empty).to_numpy()
+    key = np.full(len(frame), np.iinfo(np.int64).max)
+    if has_geometry.any():
+        located = frame[has_geometry]
+        key[has_geometry] = located.hilbert_distance(total_bounds=located.total_bounds)
+    return np.argsort(key, kind="stable")
+
+
+def query(
+    output: str | Path, bbox: Sequence[float], label: str | None = None, table: str = "objects"
+) -> gpd.GeoDataFrame:
+    """Rows of a catalog table whose geometry intersects ``bbox`` (minx, miny, maxx, maxy in EPSG:4326).
+
+    The bbox covering column lets the Parquet reader skip row groups outside the region; the exact
+    geometry test follows on what is left.
+    """
+    path = table_path(output, table)
+    if not path.exists():
+        raise FileNotFoundError(f"no catalog table at {path}; run a job with this output first")
+    filters = [("label", "==", label)] if label is not None else None
+    frame = gpd.read_parquet(path, bbox=tuple(bbox), filters=filters)
+    return frame[frame.intersects(shapely.box(*bbox))].reset_index(drop=True)

@@ -1,0 +1,81 @@
+"""The model contract: ``TileInput`` in, ``TileResult`` out, and a lazy registry of backends by name.
+
+A backend loads its weights in ``__init__`` and infers in ``__call__``; it declares what it needs from a
+scene as data (``required_bands``) so that a scene lacking a band is rejected before any pixel is read.
+Backends are imported only when first asked for, so heavy dependencies stay optional.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from geobatch.errors import UnknownModel
+from geobatch.tiling import Tile
+
+MODELS: dict[str, str] = {
+    "spectral": "geobatch.models.spectral:Spectral",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What to find: the text, how to answer it, and the short label used in outputs."""
+
+    text: str
+    kind: str  # "class" (a fixed class), "referring" (one expression) or "gcg" (grounded caption)
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One answer to a prompt, over the tile's read window."""
+
+    mask: np.ndarray  # bool, read-window shape
+    score: float
+    phrase: str
+    score_map: np.ndarray | None = None  # float32 per-pixel confidence, for pixel-wise models
+
+
+@dataclass(frozen=True, slots=True)
+class TileInput:
+    """The pixels of one tile's read window, by band name, and which of them are valid."""
+
+    tile: Tile
+    bands: Mapping[str, np.ndarray]
+    valid: np.ndarray  # bool; invalid pixels must never be labelled
+
+
+@dataclass(frozen=True, slots=True)
+class TileResult:
+    """A model's answers for one tile: instances per prompt label, and an optional caption."""
+
+    tile_id: str
+    instances: Mapping[str, list[Instance]]
+    caption: str | None = None
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """What every backend provides."""
+
+    name: str
+
+    def required_bands(self, prompts: Sequence[Prompt]) -> tuple[str, ...]:
+        """Band names needed to answer ``prompts``; raises ``UnsupportedPrompt`` for one it cannot."""
+
+    def __call__(self, tile: TileInput, prompts: Sequence[Prompt]) -> TileResult:
+        """Answer every prompt on one tile."""
+
+
+def load_model(name: str, options: Mapping[str, Any] | None = None) -> Segmenter:
+    """Instantiate the backend registered as ``name`` with ``options``; imports it on first use."""
+    if name not in MODELS:
+        raise UnknownModel(f"unknown model '{name}'; choose from {sorted(MODELS)}")
+    module_name, class_name = MODELS[name].split(":")
+    backend = getattr(importlib.import_module(module_name), class_name)
+    return backend(**dict(options or {}))

@@ -1,0 +1,37 @@
+"""The run report printed at the end of ``geobatch run``: scenes, tiles, objects, time, outputs."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from geobatch.pipeline import RunSummary
+
+_STATUS_STYLE = {"done": "green", "partial": "yellow", "failed": "red"}
+
+
+def print_summary(summary: RunSummary, console: Console) -> None:
+    table = Table(title=f"geobatch run {summary.run_id} — job '{summary.job}'", title_justify="left")
+    for column in ("scene", "status", "tiles done", "tiles failed", "objects", "reason"):
+        table.add_column(column, overflow="fold")
+    for scene in summary.scenes:
+        style = _STATUS_STYLE.get(scene.status, "")
+        table.add_row(
+            scene.scene_id,
+            f"[{style}]{scene.status}[/]",
+            str(scene.tiles_done),
+            str(scene.tiles_failed),
+            str(scene.objects),
+            scene.reason or "",
+        )
+    console.print(table)
+    statuses = {s: sum(1 for x in summary.scenes if x.status == s) for s in ("done", "partial", "failed")}
+    per_label = ", ".join(f"{label}: {n}" for label, n in sorted(summary.objects_per_label.items())) or "none"
+    console.print(
+        f"scenes: {len(summary.scenes)} ({statuses['done']} done, {statuses['partial']} partial, "
+        f"{statuses['failed']} failed)   tiles: {summary.tiles['done']} done, {summary.tiles['failed']} failed"
+    )
+    console.print(f"objects: {per_label}   time: {summary.seconds:.1f} s")
+    console.print(f"mosaics: {summary.output / 'mosaics'}")
+    for name, path in summary.tables.items():
+        console.print(f"{name}: {path}")
