@@ -115,13 +115,14 @@ class JobSpec(_Frozen):
             raise ValueError(f"unknown band name(s) {unknown}; choose from {list(BAND_NAMES)}")
         return value
 
-    @model_validator(mode="after")
-    def _unique_prompt_labels(self) -> JobSpec:
-        labels = [p.label for p in self.prompts]
+    @field_validator("prompts")
+    @classmethod
+    def _unique_prompt_labels(cls, prompts: list[PromptSpec]) -> list[PromptSpec]:
+        labels = [p.label for p in prompts]
         duplicated = sorted({label for label in labels if labels.count(label) > 1})
         if duplicated:
             raise ValueError(f"prompt labels must be unique, repeated: {duplicated}")
-        return self
+        return prompts
 
 
 def load_job(path: str | Path) -> JobSpec:

@@ -12,8 +12,10 @@ _STATUS_STYLE = {"done": "green", "partial": "yellow", "failed": "red"}
 
 def print_summary(summary: RunSummary, console: Console) -> None:
     table = Table(title=f"geobatch run {summary.run_id} — job '{summary.job}'", title_justify="left")
-    for column in ("scene", "status", "tiles done", "tiles failed", "objects", "reason"):
-        table.add_column(column, overflow="fold")
+    table.add_column("scene", no_wrap=True)
+    for column in ("status", "tiles done", "tiles failed", "objects"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("reason", overflow="fold")
     for scene in summary.scenes:
         style = _STATUS_STYLE.get(scene.status, "")
         table.add_row(
@@ -27,11 +29,13 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     console.print(table)
     statuses = {s: sum(1 for x in summary.scenes if x.status == s) for s in ("done", "partial", "failed")}
     per_label = ", ".join(f"{label}: {n}" for label, n in sorted(summary.objects_per_label.items())) or "none"
-    console.print(
-        f"scenes: {len(summary.scenes)} ({statuses['done']} done, {statuses['partial']} partial, "
-        f"{statuses['failed']} failed)   tiles: {summary.tiles['done']} done, {summary.tiles['failed']} failed"
-    )
-    console.print(f"objects: {per_label}   time: {summary.seconds:.1f} s")
-    console.print(f"mosaics: {summary.output / 'mosaics'}")
-    for name, path in summary.tables.items():
-        console.print(f"{name}: {path}")
+    scene_counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
+    lines = [
+        f"scenes: {len(summary.scenes)} ({scene_counts})   "
+        + f"tiles: {summary.tiles['done']} done, {summary.tiles['failed']} failed",
+        f"objects: {per_label}   time: {summary.seconds:.1f} s",
+        f"mosaics: {summary.output / 'mosaics'}",
+        *(f"{name}: {path}" for name, path in summary.tables.items()),
+    ]
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)  # paths stay whole, to be copied

@@ -134,7 +134,8 @@ class SceneReader:
         try:
             data = self._dataset(scene).read(indexes, window=window, masked=True)
         except RasterioError as exc:
-            raise SceneUnreadable(f"scene {scene.uri}: cannot read window {_describe(window)}: {exc}") from None
+            detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)  # GDAL's reason is the cause
+            raise SceneUnreadable(f"scene {scene.uri}: cannot read window {_describe(window)}: {detail}") from None
         valid = ~np.ma.getmaskarray(data).any(axis=0)
         return WindowRead(dict(zip(bands, np.ma.getdata(data))), valid)
 

@@ -149,6 +149,8 @@ def _join_pieces(chunks: dict[tuple[int, int], ChunkPieces]) -> tuple[pd.DataFra
         polygon=("polygon", lambda parts: parts.iloc[0] if len(parts) == 1 else shapely.union_all(parts.to_numpy())),
     )
     objects = objects.sort_values("first_pixel")
+    # seams leave collinear vertices behind; dropping them makes each polygon independent of the tiling
+    objects["polygon"] = shapely.simplify(objects["polygon"].to_numpy(), 0)
     object_id = np.zeros(n_objects, np.uint32)  # component -> object id, numbered in first-pixel order
     object_id[objects.index.to_numpy()] = np.arange(1, n_objects + 1)
     piece_to_object = {
@@ -193,7 +195,7 @@ def _georeference(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.Ge
     affine = scene.geobox.affine
 
     def pixel_to_crs(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack(affine * (xy[:, 0], xy[:, 1]))
+        return np.column_stack(affine @ (xy[:, 0], xy[:, 1]))
 
     in_crs = gpd.GeoSeries(shapely.transform(objects["polygon"].to_numpy(), pixel_to_crs), crs=scene.geobox.crs.wkt)
     geometry = in_crs.to_crs(4326)

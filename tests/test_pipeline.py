@@ -1,0 +1,199 @@
+"""End to end on a real NAIP scene: tiling must be invisible and every object must appear once."""
+
+import json
+from pathlib import Path
+
+import duckdb
+import duckdb_extension_spatial
+import geopandas as gpd
+import jsonschema
+import numpy as np
+import pyarrow.parquet as pq
+import pyproj
+import pytest
+import rasterio
+import rioxarray  # noqa: F401
+import shapely
+import xarray as xr
+from conftest import NAIP_2010, SHARED_DATA, SPECS, write_job
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT7
+from scipy import ndimage
+
+from geobatch.catalog import query
+from geobatch.jobs import load_job
+from geobatch.models.spectral import normalised_difference
+from geobatch.pipeline import run_job
+from geobatch.stitch import LABEL_NODATA
+
+COMBOS = [(256, 32), (100, 0), (173, 17)]  # core, overlap: aligned and unaligned to the scene, with and without overlap
+
+
+@pytest.fixture(scope="module")
+def whole_scene():
+    """The spectral water rule applied to the whole scene at once: the reference tiling must not change."""
+    with rasterio.open(NAIP_2010) as src:
+        data = src.read(masked=True)
+    green, nir = data[1], data[3]
+    valid = ~(np.ma.getmaskarray(green) | np.ma.getmaskarray(nir))
+    water = (normalised_difference(green.data, nir.data) > 0) & valid
+    return {"water": water, "valid": valid}
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=[f"core{c}-overlap{o}" for c, o in COMBOS])
+def run(request, ray_session, tmp_path_factory):
+    core, overlap = request.param
+    folder = tmp_path_factory.mktemp(f"run-{core}-{overlap}")
+    spec = load_job(write_job(folder / "job.yaml", tiling={"core": core, "overlap": overlap}))
+    summary = run_job(spec)
+    return summary, spec.output / "mosaics" / f"{NAIP_2010.stem}.zarr", core
+
+
+def open_mosaic(path):
+    return xr.open_zarr(path, decode_coords="all", consolidated=False)
+
+
+def test_stitched_mosaic_equals_the_model_on_the_whole_scene(run, whole_scene):
+    summary, mosaic_path, _ = run
+    assert not summary.failed
+    label = open_mosaic(mosaic_path)["label"].values
+    expected = np.where(whole_scene["valid"], whole_scene["water"].astype(np.uint8), LABEL_NODATA)
+    assert np.array_equal(label, expected)
+
+
+def test_objects_crossing_seams_appear_once(run, whole_scene):
+    summary, mosaic_path, _ = run
+    components, count = ndimage.label(whole_scene["water"])  # 4-connected, like the pipeline
+    objects = gpd.read_parquet(summary.tables["objects"])
+    assert len(objects) == count == summary.objects_per_label["water"]
+    assert sorted(objects["pixels"]) == sorted(np.bincount(components.ravel())[1:])
+    assert set(objects.geom_type) == {"Polygon"} and objects.is_valid.all()
+    assert objects["object_id"].is_unique
+    # the instance array numbers the same components, one id each
+    instance = open_mosaic(mosaic_path)["instance"].values
+    assert np.array_equal(instance > 0, whole_scene["water"])
+    pairs = np.unique(np.stack([components[components > 0], instance[components > 0]]), axis=1)
+    assert pairs.shape[1] == count and len(np.unique(pairs[1])) == count
+
+
+def test_object_polygons_have_the_area_of_their_pixels(run):
+    summary, _, _ = run
+    objects = gpd.read_parquet(summary.tables["objects"]).to_crs(26914)
+    assert np.allclose(objects.area, objects["pixels"] * 25.0, rtol=1e-6)
+    # geodesic area is within UTM's scale distortion (< 0.1 %) of the projected area
+    assert np.allclose(objects["area_m2"], objects.area, rtol=1e-3)
+
+
+def test_object_ids_and_instances_do_not_depend_on_the_tiling(ray_session, tmp_path):
+    outputs = []
+    for core, overlap in [(128, 8), (300, 0)]:
+        tiling = {"core": core, "overlap": overlap}
+        spec = load_job(write_job(tmp_path / f"job{core}.yaml", output=f"out{core}", tiling=tiling))
+        summary = run_job(spec)
+        mosaic = open_mosaic(spec.output / "mosaics" / f"{NAIP_2010.stem}.zarr")
+        objects = gpd.read_parquet(summary.tables["objects"]).sort_values("object_id")
+        outputs.append((mosaic["instance"].values, mosaic["score"].values, objects))
+    (inst_a, score_a, obj_a), (inst_b, score_b, obj_b) = outputs
+    assert np.array_equal(inst_a, inst_b)
+    assert np.array_equal(score_a, score_b, equal_nan=True)
+    assert list(obj_a["object_id"]) == list(obj_b["object_id"])
+    assert np.allclose(obj_a["score"], obj_b["score"])
+    assert shapely.equals_exact(obj_a.geometry.normalize().to_numpy(), obj_b.geometry.normalize().to_numpy(), 0).all()
+
+
+def test_mosaic_is_georeferenced_for_xarray_and_rioxarray(run):
+    _, mosaic_path, _ = run
+    mosaic = open_mosaic(mosaic_path)
+    with rasterio.open(NAIP_2010) as src:
+        assert mosaic.rio.crs == src.crs
+        assert mosaic["label"].rio.transform() == src.transform
+        assert mosaic.rio.shape == src.shape
+    assert mosaic["label"].attrs["flag_meanings"] == "background water nodata"
+
+
+def test_mosaic_chunks_are_the_tile_cores(run):
+    summary, mosaic_path, core = run
+    mosaic = open_mosaic(mosaic_path)
+    for name in ("label", "score", "instance"):
+        assert mosaic[name].encoding["chunks"] == (core, core)
+    tiles = gpd.read_parquet(summary.tables["tiles"])
+    assert len(tiles) == len(range(0, mosaic.sizes["y"], core)) * len(range(0, mosaic.sizes["x"], core))
+    assert (tiles["status"] == "done").all()
+
+
+def geoparquet_validator() -> jsonschema.Validator:
+    """The official GeoParquet 1.1.0 schema. It refers to PROJJSON's schema by URL, which cannot be
+    fetched offline: that one reference accepts anything here, and the CRS is checked with pyproj instead."""
+    schema = json.loads((SPECS / "geoparquet-1.1.0.schema.json").read_text())
+    projjson = "https://proj.org/schemas/v0.7/projjson.schema.json"
+    registry = Registry().with_resource(projjson, Resource.from_contents({}, default_specification=DRAFT7))
+    return jsonschema.Draft7Validator(schema, registry=registry)
+
+
+def test_catalog_is_valid_geoparquet_1_1(run):
+    summary, _, _ = run
+    validator = geoparquet_validator()
+    for table in ("objects", "scenes", "tiles"):
+        geo = json.loads(pq.read_schema(summary.tables[table]).metadata[b"geo"])
+        validator.validate(geo)
+        assert pyproj.CRS.from_json_dict(geo["columns"]["geometry"]["crs"]) == pyproj.CRS.from_epsg(4326)
+        assert geo["version"] == "1.1.0"
+        assert geo["columns"]["geometry"]["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+    columns = set(pq.read_schema(summary.tables["objects"]).names)
+    wanted = {"object_id", "label", "score", "area_m2", "scene_id", "acquired_at", "run_id", "model", "bbox"}
+    assert wanted <= columns
+
+
+def test_region_queries_agree_across_geopandas_duckdb_and_the_query_api(run):
+    summary, _, _ = run
+    path = summary.tables["objects"]
+    everything = gpd.read_parquet(path)
+    minx, miny, maxx, maxy = everything.total_bounds
+    region = (minx, miny, (minx + maxx) / 2, (miny + maxy) / 2)
+    exact = everything[everything.intersects(shapely.box(*region))]
+    assert 0 < len(exact) < len(everything)
+    assert set(query(summary.output, region)["object_id"]) == set(exact["object_id"])
+    candidates = gpd.read_parquet(path, bbox=region)
+    assert set(exact["object_id"]) <= set(candidates["object_id"])
+    sql = f"""select count(*) from read_parquet('{path}')
+              where bbox.xmin <= {region[2]} and bbox.xmax >= {region[0]}
+                and bbox.ymin <= {region[3]} and bbox.ymax >= {region[1]}"""
+    assert duckdb.sql(sql).fetchone()[0] == len(candidates)
+
+
+def spatial_duckdb() -> duckdb.DuckDBPyConnection:
+    """DuckDB with the spatial extension loaded from its pip package (nothing is downloaded)."""
+    package = Path(duckdb_extension_spatial.__file__).parent
+    (extension,) = package.rglob("spatial.duckdb_extension")
+    con = duckdb.connect()
+    con.execute(f"LOAD '{extension}'")
+    return con
+
+
+def test_duckdb_spatial_reads_the_geometries(run):
+    summary, _, _ = run
+    path = summary.tables["objects"]
+    utm_area = "ST_Area(ST_Transform(geometry, 'EPSG:4326', 'EPSG:26914', always_xy := true))"
+    total = spatial_duckdb().sql(f"select count(*), sum({utm_area}) from read_parquet('{path}')").fetchone()
+    objects = gpd.read_parquet(path)
+    assert total[0] == len(objects)
+    assert total[1] == pytest.approx(objects["pixels"].sum() * 25.0, rel=1e-6)
+
+
+def test_failed_tiles_are_recorded_and_left_as_nodata_never_as_empty_mask(ray_session, tmp_path):
+    corrupt = str(SHARED_DATA / "samples" / "corrupt.tif")
+    spec = load_job(write_job(tmp_path / "job.yaml", scenes=[corrupt], bands={"green": 2, "nir": 3}))
+    summary = run_job(spec)
+    (scene,) = summary.scenes
+    assert summary.failed and scene.status == "partial" and scene.tiles_failed > 0
+    tiles = gpd.read_parquet(summary.tables["tiles"])
+    failed = tiles[tiles["status"] == "failed"]
+    assert len(failed) == scene.tiles_failed
+    assert failed["reason"].str.contains("IReadBlock failed").all()
+    label = open_mosaic(scene.mosaic)["label"]
+    core = 256
+    for row, col in zip(failed["row"], failed["col"]):
+        block = label[row * core : (row + 1) * core, col * core : (col + 1) * core].values
+        assert (block == LABEL_NODATA).all()
+    done = tiles[tiles["status"] == "done"].iloc[0]
+    assert label[done["row"] * core, done["col"] * core].values != LABEL_NODATA
