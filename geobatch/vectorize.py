@@ -24,7 +24,6 @@ import rasterio.features
 import shapely
 import zarr
 from affine import Affine
-from pyproj import Geod
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -33,7 +32,6 @@ from geobatch.scenes import Scene
 from geobatch.stitch import Mosaic
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
-_GEOD = Geod(ellps="WGS84")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +139,13 @@ def _join_pieces(chunks: dict[tuple[int, int], ChunkPieces]) -> tuple[pd.DataFra
             "polygon": _concat(chunks, "polygons"),
         }
     )
-    objects = pieces.groupby("component").agg(
-        code=("code", "first"),
-        pixels=("pixels", "sum"),
-        score_sum=("score_sum", "sum"),
-        first_pixel=("first_pixel", "min"),
-        polygon=("polygon", lambda parts: parts.iloc[0] if len(parts) == 1 else shapely.union_all(parts.to_numpy())),
-    )
+    grouped = pieces.groupby("component")
+    objects = grouped.agg(code=("code", "first"), pixels=("pixels", "sum"), score_sum=("score_sum", "sum"))
+    objects["first_pixel"] = grouped["first_pixel"].min()
+    objects["polygon"] = grouped["polygon"].first()
+    seam_crossing = grouped.size() > 1  # only these need a union; most objects lie in one chunk
+    for crossing, parts in pieces[pieces["component"].isin(objects.index[seam_crossing])].groupby("component"):
+        objects.at[crossing, "polygon"] = shapely.union_all(parts["polygon"].to_numpy())
     objects = objects.sort_values("first_pixel")
     # seams leave collinear vertices behind; dropping them makes each polygon independent of the tiling
     objects["polygon"] = shapely.simplify(objects["polygon"].to_numpy(), 0)
@@ -199,6 +197,9 @@ def _georeference(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.Ge
 
     in_crs = gpd.GeoSeries(shapely.transform(objects["polygon"].to_numpy(), pixel_to_crs), crs=scene.geobox.crs.wkt)
     geometry = in_crs.to_crs(4326)
+    # an equal-area projection keeps ellipsoidal areas exactly, and shapely measures them all at once
+    lon, lat = scene.geobox.extent.centroid.to_crs("epsg:4326").coords[0]
+    equal_area = f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m"
     rows, cols = np.divmod(objects["first_pixel"].to_numpy(np.int64), mosaic.shape[1])
     labels = np.asarray(mosaic.labels, dtype=object)[objects["code"].to_numpy(np.int64) - 1]
     return gpd.GeoDataFrame(
@@ -207,7 +208,7 @@ def _georeference(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.Ge
             "label": labels,
             "score": (objects["score_sum"] / objects["pixels"]).to_numpy(np.float32),
             "pixels": objects["pixels"].to_numpy(np.int64),
-            "area_m2": [abs(_GEOD.geometry_area_perimeter(g)[0]) for g in geometry],
+            "area_m2": in_crs.to_crs(equal_area).area.to_numpy(),
         },
         geometry=geometry.to_numpy(),
         crs=4326,
