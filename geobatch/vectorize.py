@@ -30,6 +30,7 @@ from scipy.sparse.csgraph import connected_components
 
 from geobatch.scenes import Scene
 from geobatch.stitch import Mosaic
+from geobatch.tiling import TileGrid, plan_tiles
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
@@ -68,14 +69,9 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
 
 
 def _chunk_slices(mosaic: Mosaic) -> dict[tuple[int, int], tuple[slice, slice]]:
-    """Each mosaic chunk's (row, col) position and its pixel slices."""
-    height, width = mosaic.shape
-    step = mosaic.chunk
-    return {
-        (i, j): (slice(top, min(top + step, height)), slice(left, min(left + step, width)))
-        for i, top in enumerate(range(0, height, step))
-        for j, left in enumerate(range(0, width, step))
-    }
+    """Each mosaic chunk's (row, col) position and its pixel slices: the tile cores of its grid."""
+    tiles = plan_tiles(mosaic.scene_id, mosaic.shape, TileGrid(mosaic.chunk, overlap=0))
+    return {(tile.row, tile.col): tile.core_window.toslices() for tile in tiles}
 
 
 def _local_components(label: np.ndarray, codes: tuple[int, ...]) -> tuple[np.ndarray, int]:
