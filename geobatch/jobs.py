@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from geobatch.errors import JobSpecError
 
@@ -88,18 +97,13 @@ class JobSpec(_Frozen):
     ray: RaySpec = RaySpec()
     acquired_at: UtcDatetime | None = None
 
-    @field_validator("scenes", mode="before")
+    @field_validator("scenes", "prompts", mode="before")
     @classmethod
-    def _scene_shorthand(cls, value: Any) -> Any:
+    def _string_shorthand(cls, value: Any, info: ValidationInfo) -> Any:
+        """A plain string in these lists stands for its main field: a scene's uri, a prompt's text."""
+        key = {"scenes": "uri", "prompts": "text"}[info.field_name]
         if isinstance(value, list):
-            return [{"uri": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("prompts", mode="before")
-    @classmethod
-    def _prompt_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"text": v} if isinstance(v, str) else v for v in value]
+            return [{key: v} if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("model", mode="before")

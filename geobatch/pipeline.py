@@ -95,7 +95,7 @@ def run_job(
         except GeobatchError as exc:
             failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc)))
     for failure in failures:
-        log.error("scene %s failed: %s", failure.scene_id, failure.reason)
+        log.info("scene %s failed: %s", failure.scene_id, failure.reason)
 
     grid = TileGrid(spec.tiling.core, spec.tiling.overlap)
     labels = [p.label for p in prompts]
@@ -107,7 +107,8 @@ def run_job(
         total_tiles(len(work))
 
     outcomes: dict[str, TileOutcome] = {}
-    with _ray_session(spec.ray.address):
+    results = []
+    with _ray_session(spec.ray.address) if work else contextlib.nullcontext():
         for outcome in run_tiles(work, spec.model, prompts, bands, spec.ray.num_actors):
             outcomes[outcome.tile_id] = outcome
             if on_tile:
@@ -171,8 +172,8 @@ def _object_table(
 ) -> gpd.GeoDataFrame:
     acquired = {s.scene_id: s.acquired_at for s in scenes}
     parts = [frame.assign(scene_id=scene.scene_id) for scene, frame in zip(scenes, frames) if frame is not None]
-    if not parts:
-        parts = [gpd.GeoDataFrame({"label": [], "scene_id": []}, geometry=[], crs=4326)]
+    if not parts:  # no scene got as far as vectorising; the table still gets every column
+        parts = [gpd.GeoDataFrame(columns=[*catalog.OBJECT_COLUMNS, "geometry"], geometry="geometry", crs=4326)]
     objects = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=4326)
     objects["phrase"] = objects["label"].map(phrases)
     objects["acquired_at"] = pd.to_datetime(objects["scene_id"].map(acquired), utc=True)

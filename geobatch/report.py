@@ -15,17 +15,14 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     table.add_column("scene", no_wrap=True)
     for column in ("status", "tiles done", "tiles failed", "objects"):
         table.add_column(column, no_wrap=True)
-    table.add_column("reason", overflow="fold")
+    with_reasons = any(scene.reason for scene in summary.scenes)
+    if with_reasons:
+        table.add_column("reason", overflow="fold")
     for scene in summary.scenes:
         style = _STATUS_STYLE.get(scene.status, "")
-        table.add_row(
-            scene.scene_id,
-            f"[{style}]{scene.status}[/]",
-            str(scene.tiles_done),
-            str(scene.tiles_failed),
-            str(scene.objects),
-            scene.reason or "",
-        )
+        counts = (str(scene.tiles_done), str(scene.tiles_failed), str(scene.objects))
+        reason = (scene.reason or "",) if with_reasons else ()
+        table.add_row(scene.scene_id, f"[{style}]{scene.status}[/]", *counts, *reason)
     console.print(table)
     statuses = {s: sum(1 for x in summary.scenes if x.status == s) for s in ("done", "partial", "failed")}
     per_label = ", ".join(f"{label}: {n}" for label, n in sorted(summary.objects_per_label.items())) or "none"

@@ -141,3 +141,14 @@ def test_example_job_runs_from_the_console_script_on_a_ray_cluster_address(ray_s
     assert str(tmp_path / "catalog" / "objects.parquet") in done.stdout
     scenes = gpd.read_parquet(tmp_path / "catalog" / "scenes.parquet")
     assert sorted(scenes["acquired_at"].dt.year) == [2010, 2015, 2020]
+
+
+def test_a_job_whose_every_scene_fails_still_writes_its_catalog_and_exits_3(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=[str(tmp_path / "a.tif"), str(tmp_path / "none" / "*.tif")])
+    result = runner.invoke(app, ["run", str(job)])
+    assert result.exit_code == EXIT_FAILURES, result.output
+    assert len(error_lines(result)) == 2
+    scenes = gpd.read_parquet(tmp_path / "out" / "catalog" / "scenes.parquet")
+    assert sorted(scenes["reason"]) == ["no file matches this pattern", f"scene {tmp_path / 'a.tif'}: file not found"]
+    objects = gpd.read_parquet(tmp_path / "out" / "catalog" / "objects.parquet")
+    assert len(objects) == 0 and {"object_id", "label", "area_m2", "geometry"} <= set(objects.columns)
