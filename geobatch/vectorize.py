@@ -46,6 +46,33 @@ _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
 @dataclass(frozen=True, slots=True)
+class Georeference:
+    """Takes polygons from scene pixel coordinates to EPSG:4326 and measures their ellipsoidal area.
+
+    Area is measured in a Lambert equal-area projection centred on the scene: equal-area projections keep
+    ellipsoidal areas exactly (up to rounding), and shapely measures all polygons in one call.
+    """
+
+    affine: Affine
+    crs_wkt: str
+    equal_area: str
+
+    @classmethod
+    def of(cls, scene: Scene) -> Georeference:
+        lon, lat = scene.geobox.extent.centroid.to_crs("epsg:4326").coords[0]
+        laea = f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m"
+        return cls(scene.geobox.affine, scene.geobox.crs.wkt, laea)
+
+    def __call__(self, pixel_polygons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """EPSG:4326 polygons and their areas in square metres."""
+        in_crs = gpd.GeoSeries(shapely.transform(pixel_polygons, self._pixel_to_crs), crs=self.crs_wkt)
+        return in_crs.to_crs(4326).to_numpy(), in_crs.to_crs(self.equal_area).area.to_numpy()
+
+    def _pixel_to_crs(self, xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(self.affine @ (xy[:, 0], xy[:, 1]))
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkPieces:
     """The object pieces found in one chunk; arrays are indexed by local id - 1."""
 
@@ -53,7 +80,8 @@ class ChunkPieces:
     pixels: np.ndarray  # pixel count
     score_sums: np.ndarray
     first_pixels: np.ndarray  # smallest row-major scene pixel index
-    polygons: np.ndarray  # shapely polygons in scene pixel coordinates
+    geometries: np.ndarray  # shapely polygons in EPSG:4326
+    areas: np.ndarray  # m², on the ellipsoid
     top: np.ndarray  # local ids along the chunk's four borders
     bottom: np.ndarray
     left: np.ndarray
@@ -68,7 +96,11 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
     """
     chunks = _chunk_slices(mosaic)
     codes = tuple(range(1, len(mosaic.labels) + 1))
-    tasks = [dask.delayed(_chunk_pieces)(mosaic.path, where, mosaic.shape[1], codes) for where in chunks.values()]
+    georeference = Georeference.of(scene)
+    tasks = [
+        dask.delayed(_chunk_pieces)(mosaic.path, where, mosaic.shape[1], codes, georeference)
+        for where in chunks.values()
+    ]
     pieces = dict(zip(chunks, dask.compute(*tasks)))
     objects, piece_to_object, crossing = _join_pieces(pieces)
     seams = Path(mosaic.path).with_name(f"{mosaic.scene_id}.seams.partial")
@@ -85,13 +117,12 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
         whole = dict(_polygonize_whole(mosaic.shape, seam_files, seams))
         if len(whole) != crossing.sum():  # each object is 4-connected, so one polygon each
             raise RuntimeError(f"{mosaic.path}: {crossing.sum()} seam-crossing objects gave {len(whole)} polygons")
-        for object_id, polygon in whole.items():
-            objects.at[object_id - 1, "polygon"] = polygon
+        rows = np.fromiter(whole, np.int64, len(whole)) - 1
+        geometries, _ = georeference(np.asarray(list(whole.values()), dtype=object))
+        objects.loc[rows, "geometry"] = geometries  # the areas of their pieces add up already
     finally:
         shutil.rmtree(seams, ignore_errors=True)
-    # dropping collinear vertices makes each polygon's vertex list canonical
-    objects["polygon"] = shapely.simplify(objects["polygon"].to_numpy(), 0)
-    return _georeference(objects, mosaic, scene)
+    return _catalog_rows(objects, mosaic, scene)
 
 
 def _chunk_slices(mosaic: Mosaic) -> dict[tuple[int, int], tuple[slice, slice]]:
@@ -111,7 +142,9 @@ def _local_components(label: np.ndarray, codes: tuple[int, ...]) -> tuple[np.nda
     return local, count
 
 
-def _chunk_pieces(path: str, where: tuple[slice, slice], width: int, codes: tuple[int, ...]) -> ChunkPieces:
+def _chunk_pieces(
+    path: str, where: tuple[slice, slice], width: int, codes: tuple[int, ...], georeference: Georeference
+) -> ChunkPieces:
     group = zarr.open_group(path, mode="r")
     label, score = group["label"][where], group["score"][where]
     local, count = _local_components(label, codes)
@@ -123,6 +156,8 @@ def _chunk_pieces(path: str, where: tuple[slice, slice], width: int, codes: tupl
     for geometry, value in shapes:
         polygons[int(value) - 1] = shapely.geometry.shape(geometry)
 
+    geometries, areas = georeference(polygons)
+
     def per_piece(function, values, dtype) -> np.ndarray:
         return np.asarray(function(values, local, ids) if count else [], dtype=dtype)
 
@@ -131,7 +166,8 @@ def _chunk_pieces(path: str, where: tuple[slice, slice], width: int, codes: tupl
         pixels=per_piece(ndimage.sum_labels, np.ones(label.shape, np.int64), np.int64),
         score_sums=per_piece(ndimage.sum_labels, np.nan_to_num(score), np.float64),
         first_pixels=per_piece(ndimage.minimum, scene_index, np.int64),
-        polygons=polygons,
+        geometries=geometries,
+        areas=areas,
         top=local[0].copy(),
         bottom=local[-1].copy(),
         left=local[:, 0].copy(),
@@ -143,7 +179,7 @@ def _join_pieces(chunks: dict[tuple[int, int], ChunkPieces]) -> tuple[pd.DataFra
     """Join pieces that touch across seams into objects.
 
     Returns one row per object (row ``i`` is object id ``i + 1``; objects of one piece already carry
-    their polygon), each chunk's local id -> object id map, and which object ids cross a seam.
+    their geometry), each chunk's local id -> object id map, and which object ids cross a seam.
     """
     bases, total = {}, 0
     for key, pieces in chunks.items():
@@ -162,15 +198,17 @@ def _join_pieces(chunks: dict[tuple[int, int], ChunkPieces]) -> tuple[pd.DataFra
             "pixels": _concat(chunks, "pixels"),
             "score_sum": _concat(chunks, "score_sums"),
             "first_pixel": _concat(chunks, "first_pixels"),
-            "polygon": _concat(chunks, "polygons"),
+            "area": _concat(chunks, "areas"),
+            "geometry": _concat(chunks, "geometries"),
         }
     )
     grouped = pieces.groupby("component")
-    objects = grouped.agg(code=("code", "first"), pixels=("pixels", "sum"), score_sum=("score_sum", "sum"))
+    sums = ("pixels", "score_sum", "area")  # additive over an object's disjoint pieces
+    objects = grouped.agg(code=("code", "first"), **{name: (name, "sum") for name in sums})
     objects["first_pixel"] = grouped["first_pixel"].min()
-    objects["polygon"] = grouped["polygon"].first()
+    objects["geometry"] = grouped["geometry"].first()
     crossing_components = grouped.size().to_numpy() > 1
-    objects.loc[crossing_components, "polygon"] = None  # polygonised whole later
+    objects.loc[crossing_components, "geometry"] = None  # polygonised whole later
     objects = objects.sort_values("first_pixel")
     object_id = np.zeros(n_objects, np.uint32)  # component -> object id, numbered in first-pixel order
     object_id[objects.index.to_numpy()] = np.arange(1, n_objects + 1)
@@ -261,17 +299,7 @@ def _polygonize_whole(shape: tuple[int, int], parts: list[tuple[tuple[slice, sli
                 yield int(value), shapely.geometry.shape(geometry)
 
 
-def _georeference(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
-    affine = scene.geobox.affine
-
-    def pixel_to_crs(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack(affine @ (xy[:, 0], xy[:, 1]))
-
-    in_crs = gpd.GeoSeries(shapely.transform(objects["polygon"].to_numpy(), pixel_to_crs), crs=scene.geobox.crs.wkt)
-    geometry = in_crs.to_crs(4326)
-    # an equal-area projection keeps ellipsoidal areas exactly, and shapely measures them all at once
-    lon, lat = scene.geobox.extent.centroid.to_crs("epsg:4326").coords[0]
-    equal_area = f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m"
+def _catalog_rows(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
     rows, cols = np.divmod(objects["first_pixel"].to_numpy(np.int64), mosaic.shape[1])
     labels = np.asarray(mosaic.labels, dtype=object)[objects["code"].to_numpy(np.int64) - 1]
     return gpd.GeoDataFrame(
@@ -280,8 +308,8 @@ def _georeference(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.Ge
             "label": labels,
             "score": (objects["score_sum"] / objects["pixels"]).to_numpy(np.float32),
             "pixels": objects["pixels"].to_numpy(np.int64),
-            "area_m2": in_crs.to_crs(equal_area).area.to_numpy(),
+            "area_m2": objects["area"].to_numpy(np.float64),
         },
-        geometry=geometry.to_numpy(),
+        geometry=objects["geometry"].to_numpy(),
         crs=4326,
     )
