@@ -19,8 +19,10 @@ by each object's first pixel in row-major order, so they are the same for any ti
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,12 +116,11 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
             for key, where in chunks.items()
         ]
         seam_files = [(where, path) for where, path in zip(chunks.values(), dask.compute(*writes)) if path]
-        whole = dict(_polygonize_whole(mosaic.shape, seam_files, seams))
-        if len(whole) != crossing.sum():  # each object is 4-connected, so one polygon each
-            raise RuntimeError(f"{mosaic.path}: {crossing.sum()} seam-crossing objects gave {len(whole)} polygons")
-        rows = np.fromiter(whole, np.int64, len(whole)) - 1
-        geometries, _ = georeference(np.asarray(list(whole.values()), dtype=object))
-        objects.loc[rows, "geometry"] = geometries  # the areas of their pieces add up already
+        object_ids, polygons = _polygonize_whole(mosaic.shape, seam_files, seams)
+        if sorted(object_ids) != list(np.flatnonzero(crossing)):  # 4-connected objects: one polygon each
+            raise RuntimeError(f"{mosaic.path}: seam-crossing objects and their polygons do not match one to one")
+        geometries, _ = georeference(polygons)
+        objects.loc[object_ids - 1, "geometry"] = geometries  # the areas of their pieces add up already
     finally:
         shutil.rmtree(seams, ignore_errors=True)
     return _catalog_rows(objects, mosaic, scene)
@@ -151,10 +152,10 @@ def _chunk_pieces(
     ids = np.arange(1, count + 1)
     row0, col0 = where[0].start, where[1].start
     scene_index = np.add.outer((row0 + np.arange(label.shape[0])) * width, col0 + np.arange(label.shape[1]))
-    polygons = np.empty(count, dtype=object)
     shapes = rasterio.features.shapes(local, mask=local > 0, connectivity=4, transform=Affine.translation(col0, row0))
-    for geometry, value in shapes:
-        polygons[int(value) - 1] = shapely.geometry.shape(geometry)
+    values, found = _polygons(shapes)
+    polygons = np.empty(count, dtype=object)
+    polygons[values - 1] = found
 
     geometries, areas = georeference(polygons)
 
@@ -270,14 +271,16 @@ def _write_instances(
     return target
 
 
-def _polygonize_whole(shape: tuple[int, int], parts: list[tuple[tuple[slice, slice], Path]], folder: Path):
-    """Yield (object id, polygon in scene pixel coordinates) for the seam-crossing objects in ``parts``.
+def _polygonize_whole(
+    shape: tuple[int, int], parts: list[tuple[tuple[slice, slice], Path]], folder: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Object ids and polygons (scene pixel coordinates) of the seam-crossing objects in ``parts``.
 
     A VRT lays the chunk GeoTIFFs out on the scene grid (chunks without any stay empty); GDAL's
     polygoniser reads it row by row. Band 2 is the same pixels as bytes, GDAL's validity mask.
     """
     if not parts:
-        return
+        return np.zeros(0, np.int64), np.zeros(0, dtype=object)
     sources = "".join(
         f'<SimpleSource><SourceFilename relativeToVRT="1">{path.name}</SourceFilename><SourceBand>1</SourceBand>'
         f'<SrcRect xOff="0" yOff="0" xSize="{cols.stop - cols.start}" ySize="{rows.stop - rows.start}"/>'
@@ -295,8 +298,23 @@ def _polygonize_whole(shape: tuple[int, int], parts: list[tuple[tuple[slice, sli
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(vrt) as dataset:
             ids, mask = Band(dataset, 1, "int32", dataset.shape), Band(dataset, 2, "uint8", dataset.shape)
-            for geometry, value in rasterio.features.shapes(ids, mask=mask, connectivity=4):
-                yield int(value), shapely.geometry.shape(geometry)
+            return _polygons(rasterio.features.shapes(ids, mask=mask, connectivity=4))
+
+
+def _polygons(shapes: Iterable[tuple[dict, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The values and shapely polygons of ``rasterio.features.shapes`` output, built in one vectorised call."""
+    values, rings, ring_counts = [], [], []
+    for geometry, value in shapes:
+        values.append(value)
+        rings.extend(geometry["coordinates"])
+        ring_counts.append(len(geometry["coordinates"]))
+    if not values:
+        return np.zeros(0, np.int64), np.zeros(0, dtype=object)
+    coordinates = np.array(list(itertools.chain.from_iterable(rings)), dtype=np.float64)
+    ring_offsets = np.concatenate(([0], np.cumsum([len(ring) for ring in rings])))
+    polygon_offsets = np.concatenate(([0], np.cumsum(ring_counts)))
+    polygons = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coordinates, (ring_offsets, polygon_offsets))
+    return np.asarray(values, np.int64), polygons
 
 
 def _catalog_rows(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
