@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/water_mosaic.py
+	$(BIN)/python bench/water_mosaic.py --size 20000 --core 1024
 
 clean:
 	rm -rf $(VENV) out

@@ -2,7 +2,7 @@
 
 Layout under a job's output folder::
 
-    catalog/objects.parquet   one row per object (see COLUMNS), Hilbert-sorted, bbox covering column
+    catalog/objects.parquet   one row per object (OBJECT_COLUMNS), Hilbert-sorted, bbox covering column
     catalog/scenes.parquet    one row per scene: status, reason, footprint
     catalog/tiles.parquet     one row per tile: status, reason, core footprint
 
