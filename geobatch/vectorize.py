@@ -65,10 +65,13 @@ class Georeference:
         laea = f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m"
         return cls(scene.geobox.affine, scene.geobox.crs.wkt, laea)
 
-    def __call__(self, pixel_polygons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """EPSG:4326 polygons and their areas in square metres."""
-        in_crs = gpd.GeoSeries(shapely.transform(pixel_polygons, self._pixel_to_crs), crs=self.crs_wkt)
-        return in_crs.to_crs(4326).to_numpy(), in_crs.to_crs(self.equal_area).area.to_numpy()
+    def scene_crs(self, pixel_polygons: np.ndarray) -> gpd.GeoSeries:
+        """Polygons in scene pixel coordinates, placed in the scene's CRS."""
+        return gpd.GeoSeries(shapely.transform(pixel_polygons, self._pixel_to_crs), crs=self.crs_wkt)
+
+    def areas(self, polygons: gpd.GeoSeries) -> np.ndarray:
+        """Ellipsoidal areas in square metres."""
+        return polygons.to_crs(self.equal_area).area.to_numpy()
 
     def _pixel_to_crs(self, xy: np.ndarray) -> np.ndarray:
         return np.column_stack(self.affine @ (xy[:, 0], xy[:, 1]))
@@ -119,7 +122,7 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
         object_ids, polygons = _polygonize_whole(mosaic.shape, seam_files, seams)
         if sorted(object_ids) != list(np.flatnonzero(crossing)):  # 4-connected objects: one polygon each
             raise RuntimeError(f"{mosaic.path}: seam-crossing objects and their polygons do not match one to one")
-        geometries, _ = georeference(polygons)
+        geometries = georeference.scene_crs(polygons).to_crs(4326).to_numpy()
         objects.loc[object_ids - 1, "geometry"] = geometries  # the areas of their pieces add up already
     finally:
         shutil.rmtree(seams, ignore_errors=True)
@@ -157,7 +160,7 @@ def _chunk_pieces(
     polygons = np.empty(count, dtype=object)
     polygons[values - 1] = found
 
-    geometries, areas = georeference(polygons)
+    in_scene_crs = georeference.scene_crs(polygons)
 
     def per_piece(function, values, dtype) -> np.ndarray:
         return np.asarray(function(values, local, ids) if count else [], dtype=dtype)
@@ -167,8 +170,8 @@ def _chunk_pieces(
         pixels=per_piece(ndimage.sum_labels, np.ones(label.shape, np.int64), np.int64),
         score_sums=per_piece(ndimage.sum_labels, np.nan_to_num(score), np.float64),
         first_pixels=per_piece(ndimage.minimum, scene_index, np.int64),
-        geometries=geometries,
-        areas=areas,
+        geometries=in_scene_crs.to_crs(4326).to_numpy(),
+        areas=georeference.areas(in_scene_crs),
         top=local[0].copy(),
         bottom=local[-1].copy(),
         left=local[:, 0].copy(),
