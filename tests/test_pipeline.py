@@ -122,7 +122,7 @@ def test_mosaic_chunks_are_the_tile_cores(run):
     assert (tiles["status"] == "done").all()
 
 
-def geoparquet_validator() -> jsonschema.Validator:
+def geoparquet_validator() -> jsonschema.protocols.Validator:
     """The official GeoParquet 1.1.0 schema. It refers to PROJJSON's schema by URL, which cannot be
     fetched offline: that one reference accepts anything here, and the CRS is checked with pyproj instead."""
     schema = json.loads((SPECS / "geoparquet-1.1.0.schema.json").read_text())
