@@ -198,3 +198,14 @@ def test_failed_tiles_are_recorded_and_left_as_nodata_never_as_empty_mask(ray_se
         assert (block == LABEL_NODATA).all()
     done = tiles[tiles["status"] == "done"].iloc[0]
     assert label[done["row"] * core, done["col"] * core].values != LABEL_NODATA
+
+
+def test_a_crs_without_epsg_code_runs_and_never_stores_infinite_coordinates(ray_session, tmp_path):
+    goes = str(SHARED_DATA / "samples" / "goes.tif")  # geostationary projection; its corners are off the disk
+    summary = run_job(load_job(write_job(tmp_path / "job.yaml", scenes=[goes], bands={"green": 2, "nir": 3})))
+    assert not summary.failed
+    for table in ("objects", "scenes", "tiles"):
+        frame = gpd.read_parquet(summary.tables[table])
+        located = frame.geometry.dropna().to_numpy()
+        assert np.isfinite(shapely.bounds(located)).all(), table
+    assert gpd.read_parquet(summary.tables["scenes"]).geometry.isna().all()  # its extent has no lon/lat footprint
