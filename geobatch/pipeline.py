@@ -108,7 +108,6 @@ def run_job(
         total_tiles(len(work))
 
     outcomes: dict[str, TileOutcome] = {}
-    results = []
     with _ray_session(spec.ray.address) if work else contextlib.nullcontext():
         for outcome in run_tiles(work, spec.model, prompts, bands, spec.ray.num_actors):
             outcomes[outcome.tile_id] = outcome
