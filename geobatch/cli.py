@@ -75,7 +75,8 @@ def run(
     print_summary(summary, Console())
     for scene in summary.scenes:
         if scene.status != "done":
-            print(f"geobatch: error: scene {scene.uri}: {scene.status}: {scene.reason}", file=sys.stderr)
+            kind = "note" if scene.status == "skipped" else "error"
+            print(f"geobatch: {kind}: scene {scene.uri}: {scene.status}: {scene.reason}", file=sys.stderr)
     if summary.failed:
         raise typer.Exit(EXIT_FAILURES)
 

@@ -2,8 +2,9 @@
 
 Each actor loads its model once (``__init__``), then for every tile reads the window, runs the model and
 writes the tile's core into the scene mosaic (``__call__``). Only a small :class:`TileOutcome` travels
-back, so the driver's memory does not grow with the masks. A tile that fails is recorded with its reason
-and leaves its mosaic chunk as nodata; the other tiles carry on.
+back, so the driver's memory does not grow with the masks. A tile with no valid pixel is ``skipped``
+without running the model; a tile that fails is recorded with its reason. Both leave their mosaic chunk
+as nodata, and the other tiles carry on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import ray
 from ray.util import ActorPool
 
+from geobatch.access import Access
 from geobatch.jobs import ModelSpec
 from geobatch.models.base import Prompt, TileInput, load_model
 from geobatch.scenes import Scene, SceneReader
@@ -35,7 +37,7 @@ class TileWork:
 
 @dataclass(frozen=True, slots=True)
 class TileOutcome:
-    """What became of one tile: ``done`` or ``failed`` (with the reason)."""
+    """What became of one tile: ``done``, ``skipped`` or ``failed`` (the last two with the reason)."""
 
     scene_id: str
     tile_id: str
@@ -47,16 +49,18 @@ class TileOutcome:
 class TileWorker:
     """Callable that owns one model and one scene reader; Ray runs it as an actor."""
 
-    def __init__(self, model: ModelSpec, prompts: Sequence[Prompt], bands: Sequence[str]) -> None:
+    def __init__(self, model: ModelSpec, prompts: Sequence[Prompt], bands: Sequence[str], access: Access) -> None:
         self.model = load_model(model.name, model.options)
         self.prompts = tuple(prompts)
         self.bands = tuple(bands)
-        self.reader = SceneReader()
+        self.reader = SceneReader(access)
 
     def __call__(self, work: TileWork) -> TileOutcome:
         tile = work.tile
         try:
             pixels = self.reader.read(work.scene, tile.read_window, self.bands)
+            if not pixels.valid[tile.core_in_read].any():
+                return TileOutcome(tile.scene_id, tile.tile_id, "skipped", "no valid pixels (all nodata)")
             result = self.model(TileInput(tile, pixels.bands, pixels.valid), self.prompts)
             labelled = write_tile(work.mosaic, tile, result, pixels.valid)
         except Exception as exc:
@@ -70,6 +74,7 @@ def run_tiles(
     model: ModelSpec,
     prompts: Sequence[Prompt],
     bands: Sequence[str],
+    access: Access,
     num_actors: int | None = None,
 ) -> Iterator[TileOutcome]:
     """Process ``work`` on a pool of Ray actors, yielding outcomes as tiles finish (in any order).
@@ -80,7 +85,7 @@ def run_tiles(
         return
     size = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     actor_class = ray.remote(num_cpus=1)(TileWorker)
-    actors = [actor_class.remote(model, prompts, bands) for _ in range(min(size, len(work)))]
+    actors = [actor_class.remote(model, prompts, bands, access) for _ in range(min(size, len(work)))]
     pool = ActorPool(actors)
     try:
         yield from pool.map_unordered(lambda actor, item: actor.__call__.remote(item), work)

@@ -41,11 +41,44 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _known_band_names(value: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(value) - set(BAND_NAMES))
+    if unknown:
+        raise ValueError(f"unknown band name(s) {unknown}; choose from {list(BAND_NAMES)}")
+    return value
+
+
+BandIndexes = Annotated[dict[str, Annotated[int, Field(gt=0)]], AfterValidator(_known_band_names)]
+
+
 class SceneSpec(_Frozen):
-    """One scene entry: a path, glob or URL, optionally with its acquisition time."""
+    """One scene entry: a path, glob, ``http(s)://`` or ``s3://`` URL, or a STAC ItemCollection / Item file.
+
+    ``bands`` names this entry's bands, overriding the job's: a band index in the file (or in the STAC
+    ``asset``), or for a STAC entry the key of a single-band asset (``{nir: B08}``).
+    """
 
     uri: str = Field(min_length=1)
     acquired_at: UtcDatetime | None = None
+    bands: Annotated[dict[str, Annotated[int, Field(gt=0)] | str], AfterValidator(_known_band_names)] = Field(
+        default_factory=dict
+    )
+    asset: str | None = None
+
+    @property
+    def is_stac(self) -> bool:
+        return self.uri.lower().endswith((".json", ".geojson"))
+
+    @model_validator(mode="after")
+    def _band_references_fit_the_source(self) -> SceneSpec:
+        keys = sorted(name for name, value in self.bands.items() if isinstance(value, str))
+        if not self.is_stac and (self.asset or keys):
+            raise ValueError("'asset' and band asset keys apply only to STAC entries (a .json file)")
+        if self.asset and keys:
+            raise ValueError(f"bands {keys} name assets, but with 'asset' set they must be band indexes in it")
+        if self.is_stac and not self.asset and len(keys) != len(self.bands):
+            raise ValueError("band indexes in a STAC entry need 'asset' (the asset they index)")
+        return self
 
 
 class PromptSpec(_Frozen):
@@ -77,6 +110,30 @@ class TilingSpec(_Frozen):
     overlap: Annotated[int, Field(ge=0, le=4096)] = 32
 
 
+class StorageSpec(_Frozen):
+    """How remote scenes are reached, and how hard to retry them.
+
+    Credentials never go here: GDAL takes them from each machine's environment (``AWS_ACCESS_KEY_ID``...)
+    or from the named profile, so they cannot end up in a job file, a log or an output.
+    """
+
+    s3_endpoint: str | None = None  # an S3-compatible server, e.g. http://minio.local:9000
+    s3_region: str | None = None
+    s3_profile: str | None = None
+    requester_pays: bool = False
+    retries: Annotated[int, Field(ge=0, le=20)] = 4
+    retry_backoff_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    gdal_options: dict[str, str] = Field(default_factory=dict)  # further GDAL config, e.g. GDAL_HTTP_PROXY
+
+    @field_validator("gdal_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        secret = sorted(k for k in value if re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|USERPWD", k.upper()))
+        if secret:
+            raise ValueError(f"{secret} look like credentials; set them in the environment or a profile instead")
+        return value
+
+
 class RaySpec(_Frozen):
     """Where inference runs: a local Ray by default, or a cluster address."""
 
@@ -92,8 +149,10 @@ class JobSpec(_Frozen):
     scenes: list[SceneSpec] = Field(min_length=1)
     prompts: list[PromptSpec] = Field(min_length=1)
     model: ModelSpec
-    bands: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
+    bands: BandIndexes = Field(default_factory=dict)
+    resolution: Annotated[float, Field(gt=0)] | None = None  # target ground sample distance, metres
     tiling: TilingSpec = TilingSpec()
+    storage: StorageSpec = StorageSpec()
     ray: RaySpec = RaySpec()
     acquired_at: UtcDatetime | None = None
 
@@ -110,14 +169,6 @@ class JobSpec(_Frozen):
     @classmethod
     def _model_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
-
-    @field_validator("bands")
-    @classmethod
-    def _known_bands(cls, value: dict[str, int]) -> dict[str, int]:
-        unknown = sorted(set(value) - set(BAND_NAMES))
-        if unknown:
-            raise ValueError(f"unknown band name(s) {unknown}; choose from {list(BAND_NAMES)}")
-        return value
 
     @field_validator("prompts")
     @classmethod

@@ -28,6 +28,7 @@ from rasterio.windows import bounds as window_bounds
 from ray.util.dask import ray_dask_get
 
 from geobatch import catalog
+from geobatch.access import Access
 from geobatch.errors import GeobatchError
 from geobatch.infer import TileOutcome, TileWork, run_tiles
 from geobatch.jobs import JobSpec
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class SceneOutcome:
-    """What became of one scene: ``done``, ``partial`` (some tiles failed) or ``failed``."""
+    """What became of one scene: ``done``, ``partial`` (some tiles failed), ``failed`` or ``skipped`` (all nodata)."""
 
     scene_id: str
     uri: str
@@ -50,6 +51,7 @@ class SceneOutcome:
     reason: str | None = None
     tiles_done: int = 0
     tiles_failed: int = 0
+    tiles_skipped: int = 0
     objects: int = 0
     mosaic: str | None = None
 
@@ -64,17 +66,22 @@ class RunSummary:
     seconds: float
     scenes: tuple[SceneOutcome, ...]
     objects_per_label: dict[str, int]
+    failed_tiles: tuple[TileOutcome, ...] = ()
     tables: dict[str, Path] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
-        """True when any scene or tile failed."""
-        return any(s.status != "done" for s in self.scenes)
+        """True when any scene or tile failed (nodata that was skipped is not a failure)."""
+        return any(s.status in ("partial", "failed") for s in self.scenes)
 
     @property
     def tiles(self) -> Counter:
         return Counter(
-            {"done": sum(s.tiles_done for s in self.scenes), "failed": sum(s.tiles_failed for s in self.scenes)}
+            {
+                "done": sum(s.tiles_done for s in self.scenes),
+                "skipped": sum(s.tiles_skipped for s in self.scenes),
+                "failed": sum(s.tiles_failed for s in self.scenes),
+            }
         )
 
 
@@ -87,12 +94,16 @@ def run_job(
     started = time.perf_counter()
     run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     prompts = [Prompt(p.text, p.kind, p.label) for p in spec.prompts]
-    bands = load_model(spec.model.name, spec.model.options).required_bands(prompts)
+    model = load_model(spec.model.name, spec.model.options)
+    bands = model.required_bands(prompts)
+    access = Access.from_spec(spec.storage)
     refs, failures = discover(spec)
     scenes: list[Scene] = []
     for ref in refs:
         try:
-            scenes.append(open_scene(ref, spec.bands, bands))
+            scenes.append(
+                open_scene(ref, bands, values=model.input_values, resolution=spec.resolution, access=access)
+            )
         except GeobatchError as exc:
             failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc)))
     for failure in failures:
@@ -109,7 +120,7 @@ def run_job(
 
     outcomes: dict[str, TileOutcome] = {}
     with _ray_session(spec.ray.address) if work else contextlib.nullcontext():
-        for outcome in run_tiles(work, spec.model, prompts, bands, spec.ray.num_actors):
+        for outcome in run_tiles(work, spec.model, prompts, bands, access, spec.ray.num_actors):
             outcomes[outcome.tile_id] = outcome
             if on_tile:
                 on_tile(outcome)
@@ -130,6 +141,7 @@ def run_job(
         seconds=time.perf_counter() - started,
         scenes=tuple(scene_outcomes),
         objects_per_label=dict(Counter(objects["label"])),
+        failed_tiles=tuple(o for o in outcomes.values() if o.status == "failed"),
         tables=tables,
     )
 
@@ -151,20 +163,23 @@ def _finish_scene(
     scene: Scene, mosaic: Mosaic, tiles: list[Tile], outcomes: dict[str, TileOutcome], mosaic_dir: Path
 ) -> tuple[SceneOutcome, gpd.GeoDataFrame | None]:
     """Vectorise a scene whose tiles are all processed and move its mosaic into place."""
-    failed = [outcomes[t.tile_id] for t in tiles if outcomes[t.tile_id].status != "done"]
-    done = len(tiles) - len(failed)
-    if not done:
+    statuses = Counter(outcomes[t.tile_id].status for t in tiles)
+    counts = (statuses["done"], statuses["failed"], statuses["skipped"])
+    failed = next((outcomes[t.tile_id].reason for t in tiles if outcomes[t.tile_id].status == "failed"), None)
+    if not statuses["done"]:
         shutil.rmtree(mosaic.path, ignore_errors=True)
-        reason = f"all {len(tiles)} tiles failed; first: {failed[0].reason}"
-        return SceneOutcome(scene.scene_id, scene.uri, "failed", reason, 0, len(failed)), None
+        status, reason = (
+            ("failed", f"{statuses['failed']} tile(s) failed; first: {failed}")
+            if failed
+            else ("skipped", f"no valid pixels: all {len(tiles)} tiles are nodata")
+        )
+        return SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts), None
     objects = vectorize(mosaic, scene)
     final = mosaic_dir / f"{scene.scene_id}.zarr"
     shutil.rmtree(final, ignore_errors=True)
     Path(mosaic.path).rename(final)
-    status, reason = (
-        ("partial", f"{len(failed)} tile(s) failed; first: {failed[0].reason}") if failed else ("done", None)
-    )
-    return SceneOutcome(scene.scene_id, scene.uri, status, reason, done, len(failed), len(objects), str(final)), objects
+    status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
+    return SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, len(objects), str(final)), objects
 
 
 def _object_table(
@@ -194,6 +209,7 @@ def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str)
             "reason": o.reason,
             "tiles_done": o.tiles_done,
             "tiles_failed": o.tiles_failed,
+            "tiles_skipped": o.tiles_skipped,
             "objects": o.objects,
             "mosaic": o.mosaic,
             "acquired_at": acquired.get(o.scene_id),

@@ -1,7 +1,12 @@
 """Scenes: find the job's rasters, open them, map their bands, and read windows of them.
 
-Discovery and opening read metadata only. Pixels are read in exactly one place, :meth:`SceneReader.read`,
-one window at a time, so memory is bounded by the tile and never by the scene.
+Discovery and opening read metadata only (plus, for models that need display values from a 16-bit or
+float scene, one small overview to compute a percentile stretch). Pixels are read in exactly one place,
+:meth:`SceneReader.read`, one window at a time, so memory is bounded by the tile and never by the scene.
+
+A scene's bands may live in one file or in several (a STAC item with one asset per band, possibly at
+different resolutions): each band is a :class:`BandSource`, and every read resamples onto the scene's
+output grid, which is the finest band's grid or the job's target resolution.
 """
 
 from __future__ import annotations
@@ -9,33 +14,61 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
+from affine import Affine
 from odc.geo.geobox import GeoBox
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
+from rasterio.windows import bounds as window_bounds
 
+from geobatch.access import Access, gdal_path, is_remote
 from geobatch.errors import MissingBand, SceneUnreadable
-from geobatch.jobs import BAND_NAMES, JobSpec, as_utc
+from geobatch.jobs import BAND_NAMES, JobSpec, SceneSpec, as_utc
 
 log = logging.getLogger(__name__)
 
+InputValues = Literal["physical", "display"]
+
 _COLOR_BANDS = {ColorInterp.red: "red", ColorInterp.green: "green", ColorInterp.blue: "blue"}
+_STRETCH_PERCENTILES = (2.0, 98.0)
+_STRETCH_SAMPLE_PX = 512  # long side of the overview (or sample grid) the stretch is computed from
+
+
+@dataclass(frozen=True, slots=True)
+class BandSource:
+    """Where one band's pixels are: a file or URL, the 1-based band index in it, and its value scaling.
+
+    ``scale``/``offset`` turn stored values into physical ones; ``None`` takes them from the file.
+    """
+
+    uri: str
+    index: int
+    scale: float | None = None
+    offset: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SceneRef:
-    """A scene found by discovery, not yet opened."""
+    """A scene found by discovery, not yet opened.
+
+    ``bands`` are those the job or STAC metadata named; ``file``, when every band is in one file, is that
+    file, whose own metadata (colour interpretation, descriptions) may name the others.
+    """
 
     scene_id: str
     uri: str
     acquired_at: dt.datetime | None
+    bands: Mapping[str, BandSource]
+    file: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +81,30 @@ class SceneFailure:
 
 
 @dataclass(frozen=True, slots=True)
+class ValueMap:
+    """Stored values to model input: ``value * gain + offset``, clipped to ``clip`` when given."""
+
+    gain: float = 1.0
+    offset: float = 0.0
+    clip: tuple[float, float] | None = None
+
+    def apply(self, stored: np.ndarray) -> np.ndarray:
+        values = stored.astype(np.float32)
+        if (self.gain, self.offset) != (1.0, 0.0):
+            values = values * np.float32(self.gain) + np.float32(self.offset)
+        return np.clip(values, *self.clip) if self.clip else values
+
+
+@dataclass(frozen=True, slots=True)
 class Scene:
-    """An opened scene: its grid, bands and nodata. Holds no pixels."""
+    """An opened scene: its output grid and, for each band the run needs, where it is and how to scale it."""
 
     scene_id: str
     uri: str
     acquired_at: dt.datetime | None
     geobox: GeoBox
-    band_map: Mapping[str, int]  # band name -> 1-based band index in the file
-    dtype: str
-    nodata: float | None
+    bands: Mapping[str, BandSource]
+    values: Mapping[str, ValueMap]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,94 +113,200 @@ class Scene:
 
 @dataclass(frozen=True, slots=True)
 class WindowRead:
-    """Pixels of one window: the requested bands and which pixels are valid in all of them."""
+    """Pixels of one window: the requested bands as model input and which pixels are valid in all of them."""
 
     bands: Mapping[str, np.ndarray]
-    valid: np.ndarray  # bool, False where any requested band is nodata or masked
+    valid: np.ndarray  # bool, False where any requested band is nodata, masked, alpha 0 or not finite
 
 
 def discover(spec: JobSpec) -> tuple[list[SceneRef], list[SceneFailure]]:
-    """Expand the job's scene entries (paths, globs, URLs) into scene references.
+    """Expand the job's scene entries (paths, globs, URLs, STAC files) into scene references.
 
-    An entry that matches nothing, and a second file with an already used scene id, become failures.
+    An entry that matches nothing, and a second source with an already used scene id, become failures.
     """
+    from geobatch.stac import stac_refs  # pystac only when a job names a STAC file
+
     refs: dict[str, SceneRef] = {}
     failures: list[SceneFailure] = []
     for entry in spec.scenes:
-        uris = _expand(entry.uri)
-        if not uris:
-            failures.append(SceneFailure(_scene_id(entry.uri), entry.uri, "no file matches this pattern"))
-        for uri in uris:
-            scene_id = _scene_id(uri)
-            if scene_id in refs and refs[scene_id].uri != uri:
-                reason = f"scene id '{scene_id}' is already used by {refs[scene_id].uri}"
-                failures.append(SceneFailure(scene_id, uri, reason))
-            elif scene_id not in refs:
-                refs[scene_id] = SceneRef(scene_id, uri, entry.acquired_at or spec.acquired_at)
+        found, failed = stac_refs(entry, spec.acquired_at) if entry.is_stac else _file_refs(entry, spec)
+        failures += failed
+        for ref in found:
+            if ref.scene_id in refs and refs[ref.scene_id].uri != ref.uri:
+                reason = f"scene id '{ref.scene_id}' is already used by {refs[ref.scene_id].uri}"
+                failures.append(SceneFailure(ref.scene_id, ref.uri, reason))
+            else:
+                refs.setdefault(ref.scene_id, ref)
     return list(refs.values()), failures
 
 
-def open_scene(ref: SceneRef, band_overrides: Mapping[str, int], needed_bands: Iterable[str]) -> Scene:
-    """Read a scene's metadata and check that it has every band in ``needed_bands``.
+def open_scene(
+    ref: SceneRef,
+    needed_bands: Iterable[str],
+    *,
+    values: InputValues = "physical",
+    resolution: float | None = None,
+    access: Access = Access(),
+) -> Scene:
+    """Read a scene's metadata, check it has every band in ``needed_bands``, and fix its output grid.
 
-    Raises :class:`SceneUnreadable` or :class:`MissingBand` with the file and the fix in the message.
+    ``values`` is what the model takes: ``physical`` (stored values times the band's scale, plus offset)
+    or ``display`` (0-255; 8-bit data as is, other types stretched between percentiles of an overview).
+    ``resolution`` is a target pixel size in metres. Raises :class:`SceneUnreadable` or
+    :class:`MissingBand` with the file and the fix in the message.
     """
-    if "://" not in ref.uri and not os.path.exists(ref.uri):
-        raise SceneUnreadable(f"scene {ref.uri}: file not found")
-    try:
-        with rasterio.open(ref.uri) as src:
-            _check_georeferencing(ref, src)
-            band_map = _band_map(ref, src, band_overrides)
-            acquired_at = ref.acquired_at or _tagged_datetime(src)
-            geobox = GeoBox(src.shape, src.transform, src.crs.to_wkt())
-            dtype, nodata = src.dtypes[0], src.nodata
-    except RasterioError as exc:
-        raise SceneUnreadable(f"scene {ref.uri}: cannot open: {exc}") from None
-    missing = [b for b in needed_bands if b not in band_map]
+    files = {uri: _open_metadata(uri, access) for uri in {s.uri for s in ref.bands.values()} | {ref.file} - {None}}
+    bands = {**(_named_bands(files[ref.file]) if ref.file else {}), **ref.bands}
+    needed = list(needed_bands)
+    missing = [b for b in needed if b not in bands]
     if missing:
-        have = ", ".join(f"{name}={index}" for name, index in band_map.items()) or "none identified"
+        have = ", ".join(f"{name}={source.index}" for name, source in bands.items()) or "none identified"
         raise MissingBand(
-            f"scene {ref.uri}: the model needs band(s) {missing} but the file's known bands are "
+            f"scene {ref.uri}: the model needs band(s) {missing} but the scene's known bands are "
             f"[{have}]; map them in the job's 'bands' field"
         )
-    return Scene(ref.scene_id, ref.uri, acquired_at, geobox, band_map, dtype, nodata)
+    bands = {name: bands[name] for name in needed}
+    for name, source in bands.items():
+        if source.index > files[source.uri].count:
+            raise MissingBand(
+                f"scene {source.uri}: band '{name}' is mapped to band {source.index} but the file has "
+                f"{files[source.uri].count} band(s)"
+            )
+    grid = _output_grid(ref, [files[s.uri] for s in bands.values()], resolution)
+    value_maps = {
+        name: _value_map(files[source.uri], source, values, access) for name, source in bands.items()
+    }
+    acquired_at = ref.acquired_at or next(filter(None, (f.acquired_at for f in files.values())), None)
+    return Scene(ref.scene_id, ref.uri, acquired_at, grid, bands, value_maps)
 
 
 class SceneReader:
-    """Reads windows of scenes, keeping each scene's file open between reads.
+    """Reads windows of scenes, keeping each file open between reads.
 
     One reader belongs to one worker; it is not shared between threads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, access: Access = Access()) -> None:
+        self.access = access
         self._open: dict[str, rasterio.DatasetReader] = {}
 
     def read(self, scene: Scene, window: Window, bands: Sequence[str]) -> WindowRead:
-        """Read ``bands`` of ``scene`` inside ``window``; raises :class:`SceneUnreadable` on failure."""
-        indexes = [scene.band_map[b] for b in bands]
-        try:
-            data = self._dataset(scene).read(indexes, window=window, masked=True)
-        except RasterioError as exc:
-            detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)  # GDAL's reason is the cause
-            raise SceneUnreadable(f"scene {scene.uri}: cannot read window {_describe(window)}: {detail}") from None
-        valid = ~np.ma.getmaskarray(data).any(axis=0)
-        return WindowRead(dict(zip(bands, np.ma.getdata(data))), valid)
+        """Read ``bands`` of ``scene`` inside ``window`` (of its output grid); raises :class:`SceneUnreadable`."""
+        shape = (int(window.height), int(window.width))
+        valid = np.ones(shape, bool)
+        stored: dict[str, np.ndarray] = {}
+        by_file: dict[str, list[str]] = {}
+        for name in bands:
+            by_file.setdefault(scene.bands[name].uri, []).append(name)
+        for uri, names in by_file.items():
+            indexes = [scene.bands[name].index for name in names]
+            try:
+                data, file_valid = self.access.retrying(
+                    lambda: self._read_file(uri, indexes, window, scene.geobox.affine),
+                    f"reading {uri}",
+                    on_retry=lambda: self._close(uri),
+                )
+            except RasterioError as exc:
+                detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)  # GDAL's reason is the cause
+                raise SceneUnreadable(f"scene {uri}: cannot read window {_describe(window)}: {detail}") from None
+            stored.update(zip(names, data))
+            valid &= file_valid
+        inputs = {name: scene.values[name].apply(stored[name]) for name in bands}
+        for array in inputs.values():
+            valid &= np.isfinite(array)
+        return WindowRead(inputs, valid)
 
     def close(self) -> None:
-        for dataset in self._open.values():
+        for uri in list(self._open):
+            self._close(uri)
+
+    def _read_file(
+        self, uri: str, indexes: list[int], window: Window, grid: Affine
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bands ``indexes`` of one file over ``window`` of the output grid, resampled if the grids differ."""
+        dataset = self._dataset(uri)
+        shape = (len(indexes), int(window.height), int(window.width))
+        if dataset.transform == grid:
+            source_window, resampling = window, Resampling.nearest
+        else:
+            source_window = from_bounds(*window_bounds(window, grid), transform=dataset.transform)
+            downsampling = source_window.width > window.width
+            resampling = Resampling.average if downsampling else Resampling.bilinear
+        data = dataset.read(indexes, window=source_window, out_shape=shape, resampling=resampling)
+        if all(dataset.mask_flag_enums[i - 1] == [MaskFlags.all_valid] for i in indexes):
+            return data, np.ones(shape[1:], bool)
+        # An output pixel is valid only if every source pixel under it is: averaged masks stay at 255.
+        masks = dataset.read_masks(indexes, window=source_window, out_shape=shape, resampling=Resampling.average)
+        return data, (masks == 255).all(axis=0)
+
+    def _dataset(self, uri: str) -> rasterio.DatasetReader:
+        if uri not in self._open:
+            self._open[uri] = rasterio.open(gdal_path(uri))
+        return self._open[uri]
+
+    def _close(self, uri: str) -> None:
+        dataset = self._open.pop(uri, None)
+        if dataset is not None:
             dataset.close()
-        self._open.clear()
-
-    def _dataset(self, scene: Scene) -> rasterio.DatasetReader:
-        if scene.uri not in self._open:
-            self._open[scene.uri] = rasterio.open(scene.uri)
-        return self._open[scene.uri]
 
 
-def _expand(uri: str) -> list[str]:
-    if "://" not in uri and glob.has_magic(uri):
-        return sorted(glob.glob(uri))
-    return [uri]
+@dataclass(frozen=True, slots=True)
+class _FileInfo:
+    """What opening a file tells: its grid, band metadata, overviews and time stamp."""
+
+    uri: str
+    crs_wkt: str
+    transform: Affine
+    shape: tuple[int, int]
+    count: int
+    dtypes: tuple[str, ...]
+    colorinterp: tuple[ColorInterp, ...]
+    descriptions: tuple[str | None, ...]
+    scales: tuple[float, ...]
+    offsets: tuple[float, ...]
+    overviews: tuple[int, ...]
+    acquired_at: dt.datetime | None
+
+
+def _open_metadata(uri: str, access: Access) -> _FileInfo:
+    if not is_remote(uri) and not os.path.exists(uri):
+        raise SceneUnreadable(f"scene {uri}: file not found")
+
+    def read() -> _FileInfo:
+        with rasterio.open(gdal_path(uri)) as src:
+            _check_georeferencing(uri, src)
+            return _FileInfo(
+                uri,
+                src.crs.to_wkt(),
+                src.transform,
+                src.shape,
+                src.count,
+                src.dtypes,
+                src.colorinterp,
+                src.descriptions,
+                src.scales,
+                src.offsets,
+                tuple(src.overviews(1)),
+                _tagged_datetime(src),
+            )
+
+    try:
+        return access.retrying(read, f"opening {uri}")
+    except RasterioError as exc:
+        raise SceneUnreadable(f"scene {uri}: cannot open: {' '.join(str(exc).split())}") from None
+
+
+def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[SceneFailure]]:
+    uris = sorted(glob.glob(entry.uri)) if not is_remote(entry.uri) and glob.has_magic(entry.uri) else [entry.uri]
+    if not uris:
+        return [], [SceneFailure(_scene_id(entry.uri), entry.uri, "no file matches this pattern")]
+    indexes = {**spec.bands, **entry.bands}
+    acquired_at = entry.acquired_at or spec.acquired_at
+    refs = [
+        SceneRef(_scene_id(uri), uri, acquired_at, {b: BandSource(uri, i) for b, i in indexes.items()}, uri)
+        for uri in uris
+    ]
+    return refs, []
 
 
 def _scene_id(uri: str) -> str:
@@ -161,26 +314,90 @@ def _scene_id(uri: str) -> str:
     return Path(name).stem or name
 
 
-def _check_georeferencing(ref: SceneRef, src: rasterio.DatasetReader) -> None:
-    if src.crs is None:
-        raise SceneUnreadable(f"scene {ref.uri}: has no CRS; assign one (e.g. gdal_edit.py -a_srs) and rerun")
+def _check_georeferencing(uri: str, src: rasterio.DatasetReader) -> None:
+    problems = []
     if src.transform.b != 0 or src.transform.d != 0:
-        raise SceneUnreadable(f"scene {ref.uri}: rotated or sheared geotransform is not supported; warp it first")
+        problems.append("has a rotated or sheared geotransform (warp it north-up first, e.g. gdalwarp)")
+    if src.crs is None:
+        problems.append("has no CRS (assign one, e.g. gdal_edit.py -a_srs, and rerun)")
+    if problems:
+        raise SceneUnreadable(f"scene {uri}: {'; '.join(problems)}")
 
 
-def _band_map(ref: SceneRef, src: rasterio.DatasetReader, overrides: Mapping[str, int]) -> dict[str, int]:
-    """Bands named by the job win; otherwise colour interpretation and band descriptions name them."""
-    found: dict[str, int] = {}
-    for index, (interp, description) in enumerate(zip(src.colorinterp, src.descriptions), start=1):
+def _named_bands(info: _FileInfo) -> dict[str, BandSource]:
+    """Bands named by the file itself: colour interpretation, else band descriptions ('nir', 'swir1'...)."""
+    found: dict[str, BandSource] = {}
+    for index, (interp, description) in enumerate(zip(info.colorinterp, info.descriptions), start=1):
         name = _COLOR_BANDS.get(interp) or (description or "").strip().lower()
         if name in BAND_NAMES:
-            found.setdefault(name, index)
-    for name, index in overrides.items():
-        if index > src.count:
-            raise MissingBand(
-                f"scene {ref.uri}: job field 'bands.{name}' is {index} but the file has {src.count} band(s)"
-            )
-    return {**found, **overrides}
+            found.setdefault(name, BandSource(info.uri, index))
+    return found
+
+
+def _output_grid(ref: SceneRef, files: list[_FileInfo], resolution: float | None) -> GeoBox:
+    """The finest band's grid, or that grid resampled to ``resolution`` metres (whole pixels inside it)."""
+    if len({f.crs_wkt for f in files}) > 1:
+        raise SceneUnreadable(f"scene {ref.uri}: its bands are in different CRSs; warp them to one first")
+    finest = min(files, key=lambda f: abs(f.transform.a))
+    grid = GeoBox(finest.shape, finest.transform, finest.crs_wkt)
+    if resolution is None:
+        return grid
+    step_x, step_y = _metres_to_crs_units(grid, resolution)
+    factor_x, factor_y = step_x / abs(grid.affine.a), step_y / abs(grid.affine.e)
+    shape = (math.floor(grid.height / factor_y), math.floor(grid.width / factor_x))
+    if min(shape) == 0:
+        raise SceneUnreadable(f"scene {ref.uri}: target resolution {resolution} m is coarser than the whole scene")
+    return GeoBox(shape, grid.affine @ Affine.scale(factor_x, factor_y), grid.crs)
+
+
+def _metres_to_crs_units(grid: GeoBox, metres: float) -> tuple[float, float]:
+    """Pixel size in the grid's CRS units; for degrees, measured at the scene's centre latitude."""
+    if grid.crs.geographic:
+        latitude = grid.extent.centroid.coords[0][1]
+        return metres / (111_320 * math.cos(math.radians(latitude))), metres / 111_320
+    factor = grid.crs.proj.axis_info[0].unit_conversion_factor  # metres per CRS unit
+    return metres / factor, metres / factor
+
+
+def _value_map(info: _FileInfo, source: BandSource, values: InputValues, access: Access) -> ValueMap:
+    if values == "physical":
+        scale = info.scales[source.index - 1] if source.scale is None else source.scale
+        offset = info.offsets[source.index - 1] if source.offset is None else source.offset
+        return ValueMap(scale, offset)
+    if info.dtypes[source.index - 1] == "uint8":
+        return ValueMap()
+    low, high = _stretch_limits(info, source.index, access)
+    return ValueMap(255 / (high - low), -255 * low / (high - low), (0.0, 255.0))
+
+
+def _stretch_limits(info: _FileInfo, index: int, access: Access) -> tuple[float, float]:
+    """Percentiles of one band from an overview (or, without overviews, a sparse grid of small windows)."""
+    height, width = info.shape
+    usable = [f for f in info.overviews if f <= max(1, max(height, width) // _STRETCH_SAMPLE_PX)]
+
+    def read() -> np.ndarray:
+        with rasterio.open(gdal_path(info.uri)) as src:
+            if usable:  # GDAL serves a read at an overview's size from that overview
+                level = max(usable)
+                return src.read(index, out_shape=(height // level, width // level), masked=True).compressed()
+            return np.concatenate([src.read(index, window=w, masked=True).compressed() for w in _sample_grid(info)])
+
+    try:
+        sample = access.retrying(read, f"computing the value stretch of {info.uri}")
+    except RasterioError as exc:
+        raise SceneUnreadable(f"scene {info.uri}: cannot read an overview for the value stretch: {exc}") from None
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, _STRETCH_PERCENTILES))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def _sample_grid(info: _FileInfo, count: int = 8, size: int = 64) -> Iterable[Window]:
+    height, width = info.shape
+    for row in np.linspace(0, max(height - size, 0), count, dtype=int):
+        for col in np.linspace(0, max(width - size, 0), count, dtype=int):
+            yield Window(int(col), int(row), min(size, width), min(size, height))
 
 
 def _tagged_datetime(src: rasterio.DatasetReader) -> dt.datetime | None:

@@ -136,8 +136,8 @@ def test_example_job_runs_from_the_console_script_on_a_ray_cluster_address(ray_s
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "scenes: 3 (3 done, 0 partial, 0 failed)" in done.stdout
-    assert "tiles: 36 done, 0 failed" in done.stdout
+    assert "scenes: 3 (3 done, 0 skipped, 0 partial, 0 failed)" in done.stdout
+    assert "tiles: 36 done, 0 skipped, 0 failed" in done.stdout
     assert str(tmp_path / "catalog" / "objects.parquet") in done.stdout
     scenes = gpd.read_parquet(tmp_path / "catalog" / "scenes.parquet")
     assert sorted(scenes["acquired_at"].dt.year) == [2010, 2015, 2020]

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from geobatch.errors import UnknownModel
+from geobatch.scenes import InputValues
 from geobatch.tiling import Tile
 
 MODELS: dict[str, str] = {
@@ -43,7 +44,7 @@ class Instance:
 
 @dataclass(frozen=True, slots=True)
 class TileInput:
-    """The pixels of one tile's read window, by band name, and which of them are valid."""
+    """The pixels of one tile's read window as float32, by band name, and which of them are valid."""
 
     tile: Tile
     bands: Mapping[str, np.ndarray]
@@ -64,6 +65,7 @@ class Segmenter(Protocol):
     """What every backend provides."""
 
     name: str
+    input_values: InputValues  # what band values it takes: "physical" (scaled) or "display" (0-255)
 
     def required_bands(self, prompts: Sequence[Prompt]) -> tuple[str, ...]:
         """Band names needed to answer ``prompts``; raises ``UnsupportedPrompt`` for one it cannot."""

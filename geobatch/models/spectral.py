@@ -36,6 +36,7 @@ class Spectral:
     """Index-threshold segmenter; ``thresholds`` overrides a class's default, e.g. ``{"water": 0.1}``."""
 
     name = "spectral"
+    input_values = "physical"  # band ratios need values proportional to radiance, not stretched ones
 
     def __init__(self, thresholds: dict[str, float] | None = None) -> None:
         thresholds = thresholds or {}
@@ -82,6 +83,6 @@ class Spectral:
 
 def normalised_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(a - b) / (a + b)`` in float32, 0 where both are 0."""
-    a, b = a.astype(np.float32), b.astype(np.float32)
+    a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
     total = a + b
     return np.divide(a - b, total, out=np.zeros_like(total), where=total != 0)
