@@ -11,6 +11,7 @@ Each file is written beside its final name and moved into place, so readers neve
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ OBJECT_COLUMNS = (
     "object_id", "label", "phrase", "score", "area_m2", "pixels", "scene_id", "acquired_at", "run_id", "model",
 )  # fmt: skip
 TABLES = ("objects", "scenes", "tiles")
+
+log = logging.getLogger(__name__)
 
 
 def table_path(output: str | Path, table: str) -> Path:
@@ -40,12 +43,21 @@ def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
     """Write ``frame`` to ``path`` as GeoParquet 1.1 in EPSG:4326 with a bbox covering, Hilbert-sorted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = frame.to_crs(4326)
+    frame = _finite(frame.to_crs(4326))
     frame = frame.iloc[_spatial_order(frame)]
     partial = path.with_name(path.name + ".partial")
     frame.to_parquet(partial, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=65536)
     os.replace(partial, path)
     return path
+
+
+def _finite(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Geometries that do not map into EPSG:4326 (e.g. corners off a geostationary disk) become missing."""
+    finite = np.isfinite(shapely.bounds(frame.geometry.to_numpy())).all(axis=1) | frame.geometry.isna().to_numpy()
+    if finite.all():
+        return frame
+    log.warning("%d geometries do not map to longitude/latitude; stored without geometry", (~finite).sum())
+    return frame.set_geometry(frame.geometry.where(finite, None))
 
 
 def _spatial_order(frame: gpd.GeoDataFrame) -> np.ndarray:

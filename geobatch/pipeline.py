@@ -20,7 +20,6 @@ from pathlib import Path
 
 import dask
 import geopandas as gpd
-import numpy as np
 import pandas as pd
 import ray
 import shapely
@@ -101,9 +100,7 @@ def run_job(
     scenes: list[Scene] = []
     for ref in refs:
         try:
-            scenes.append(
-                open_scene(ref, bands, values=model.input_values, resolution=spec.resolution, access=access)
-            )
+            scenes.append(open_scene(ref, bands, values=model.input_values, resolution=spec.resolution, access=access))
         except GeobatchError as exc:
             failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc)))
     for failure in failures:
@@ -199,7 +196,7 @@ def _object_table(
 
 def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str) -> gpd.GeoDataFrame:
     extents = gpd.GeoSeries([s.geobox.extent.to_crs("epsg:4326").geom for s in scenes], crs=4326)
-    footprints = dict(zip([s.scene_id for s in scenes], _finite(extents)))
+    footprints = dict(zip([s.scene_id for s in scenes], extents))
     acquired = {s.scene_id: s.acquired_at for s in scenes}
     rows = [
         {
@@ -242,16 +239,8 @@ def _tile_table(
                     "labelled_pixels": [outcomes[t.tile_id].labelled_pixels for t in scene_tiles],
                     "run_id": run_id,
                 },
-                geometry=_finite(gpd.GeoSeries(cores, crs=scene.geobox.crs.wkt).to_crs(4326)),
+                geometry=gpd.GeoSeries(cores, crs=scene.geobox.crs.wkt).to_crs(4326),
             )
         )
     empty = gpd.GeoDataFrame({"tile_id": [], "scene_id": [], "status": [], "reason": []}, geometry=[], crs=4326)
     return pd.concat(frames, ignore_index=True) if frames else empty
-
-
-def _finite(footprints: gpd.GeoSeries) -> gpd.GeoSeries:
-    """Footprints that do not map into EPSG:4326 (e.g. corners off a geostationary disk) become missing."""
-    finite = np.isfinite(shapely.bounds(footprints.to_numpy())).all(axis=1)
-    if not finite.all():
-        log.warning("%d footprint(s) do not map to longitude/latitude; stored without geometry", (~finite).sum())
-    return footprints.where(finite, None)

@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,8 @@ from geobatch.jobs import BAND_NAMES, JobSpec, SceneSpec, as_utc
 log = logging.getLogger(__name__)
 
 InputValues = Literal["physical", "display"]
+
+LOCAL_ACCESS = Access()  # defaults: no storage settings, the standard retries
 
 _COLOR_BANDS = {ColorInterp.red: "red", ColorInterp.green: "green", ColorInterp.blue: "blue"}
 _STRETCH_PERCENTILES = (2.0, 98.0)
@@ -146,7 +149,7 @@ def open_scene(
     *,
     values: InputValues = "physical",
     resolution: float | None = None,
-    access: Access = Access(),
+    access: Access = LOCAL_ACCESS,
 ) -> Scene:
     """Read a scene's metadata, check it has every band in ``needed_bands``, and fix its output grid.
 
@@ -173,9 +176,7 @@ def open_scene(
                 f"{files[source.uri].count} band(s)"
             )
     grid = _output_grid(ref, [files[s.uri] for s in bands.values()], resolution)
-    value_maps = {
-        name: _value_map(files[source.uri], source, values, access) for name, source in bands.items()
-    }
+    value_maps = {name: _value_map(files[source.uri], source, values, access) for name, source in bands.items()}
     acquired_at = ref.acquired_at or next(filter(None, (f.acquired_at for f in files.values())), None)
     return Scene(ref.scene_id, ref.uri, acquired_at, grid, bands, value_maps)
 
@@ -186,7 +187,7 @@ class SceneReader:
     One reader belongs to one worker; it is not shared between threads.
     """
 
-    def __init__(self, access: Access = Access()) -> None:
+    def __init__(self, access: Access = LOCAL_ACCESS) -> None:
         self.access = access
         self._open: dict[str, rasterio.DatasetReader] = {}
 
@@ -199,13 +200,11 @@ class SceneReader:
         for name in bands:
             by_file.setdefault(scene.bands[name].uri, []).append(name)
         for uri, names in by_file.items():
-            indexes = [scene.bands[name].index for name in names]
+            read = partial(
+                self._read_file, uri, [scene.bands[name].index for name in names], window, scene.geobox.affine
+            )
             try:
-                data, file_valid = self.access.retrying(
-                    lambda: self._read_file(uri, indexes, window, scene.geobox.affine),
-                    f"reading {uri}",
-                    on_retry=lambda: self._close(uri),
-                )
+                data, file_valid = self.access.retrying(read, f"reading {uri}", on_retry=partial(self._close, uri))
             except RasterioError as exc:
                 detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)  # GDAL's reason is the cause
                 raise SceneUnreadable(f"scene {uri}: cannot read window {_describe(window)}: {detail}") from None
@@ -220,9 +219,7 @@ class SceneReader:
         for uri in list(self._open):
             self._close(uri)
 
-    def _read_file(
-        self, uri: str, indexes: list[int], window: Window, grid: Affine
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _read_file(self, uri: str, indexes: list[int], window: Window, grid: Affine) -> tuple[np.ndarray, np.ndarray]:
         """Bands ``indexes`` of one file over ``window`` of the output grid, resampled if the grids differ."""
         dataset = self._dataset(uri)
         shape = (len(indexes), int(window.height), int(window.width))

@@ -93,6 +93,7 @@ def _asset(item: pystac.Item, key: str) -> pystac.Asset:
 
 def _data_assets(item: pystac.Item) -> list[tuple[str, pystac.Asset]]:
     """Raster assets that hold data (not thumbnails or the 8-bit 'visual' rendering), in listing order."""
+
     def is_data(asset: pystac.Asset) -> bool:
         raster = asset.media_type is None or asset.media_type.startswith(_RASTER_TYPES)
         return raster and (not asset.roles or "data" in asset.roles)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import xarray as xr
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,8 @@ def write_job(path: Path, **fields) -> Path:
     job.update(fields)
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def open_mosaic(path: Path | str) -> xr.Dataset:
+    """A mosaic as an independent reader sees it: xarray over Zarr, with the CRS decoded."""
+    return xr.open_zarr(path, decode_coords="all", consolidated=False)

@@ -14,8 +14,7 @@ import pytest
 import rasterio
 import rioxarray  # noqa: F401
 import shapely
-import xarray as xr
-from conftest import NAIP_2010, SHARED_DATA, SPECS, write_job
+from conftest import NAIP_2010, SHARED_DATA, SPECS, open_mosaic, write_job
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 from scipy import ndimage
@@ -47,10 +46,6 @@ def run(request, ray_session, tmp_path_factory):
     spec = load_job(write_job(folder / "job.yaml", tiling={"core": core, "overlap": overlap}))
     summary = run_job(spec)
     return summary, spec.output / "mosaics" / f"{NAIP_2010.stem}.zarr", core
-
-
-def open_mosaic(path):
-    return xr.open_zarr(path, decode_coords="all", consolidated=False)
 
 
 def test_stitched_mosaic_equals_the_model_on_the_whole_scene(run, whole_scene):
