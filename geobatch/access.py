@@ -2,7 +2,7 @@
 
 GDAL does the I/O: its ``/vsicurl/`` and ``/vsis3/`` drivers fetch only the byte ranges a window needs.
 This module turns job URIs into GDAL paths, builds the GDAL configuration for the job's storage settings,
-and retries operations that failed for a transient network reason, with exponential backoff.
+and retries remote operations that failed, with exponential backoff.
 Credentials are never part of that configuration: GDAL reads them from each machine's environment or
 the named profile, so they cannot reach a log or an output.
 """
@@ -10,6 +10,7 @@ the named profile, so they cannot reach a log or an output.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -37,13 +38,14 @@ _REMOTE_DEFAULTS = {
     "VSI_CACHE": "TRUE",
 }
 
-# What a network hiccup looks like in GDAL's messages (curl errors, 5xx, 429, timeouts, resets).
-_TRANSIENT = re.compile(
-    r"curl error|HTTP (?:error )?(?:code )?(?:: )?(?:429|5\d\d)|timed? ?out|connection|empty reply|"
-    r"couldn't connect|recv failure|send failure|reset by peer",
+# Remote errors that retrying cannot fix: client errors other than timeout / too many requests, and
+# S3's answers for a missing key, bucket or identity. Anything else remote is retried: GDAL reports a
+# dropped connection during a read only as "Read failed" / "IReadBlock failed", like a corrupt block.
+_PERMANENT = re.compile(
+    r"HTTP response code: 4(?!08|29)\d\d|specified (?:key|bucket) does not exist|not exist in our records|"
+    r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch",
     re.IGNORECASE,
 )
-
 
 def gdal_path(uri: str) -> str:
     """The path GDAL opens for ``uri``: ``s3://b/k`` becomes ``/vsis3/b/k``, URLs go through ``/vsicurl/``."""
@@ -59,22 +61,22 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or its GDAL cause) looks like a network failure worth retrying."""
-    return bool(_TRANSIENT.search(f"{exc} {exc.__cause__ or ''}"))
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a remote failure (``exc`` or its GDAL cause) is one that no retry can fix."""
+    return bool(_PERMANENT.search(f"{exc} {exc.__cause__ or ''}"))
 
 
 @dataclass(frozen=True, slots=True)
 class Access:
     """GDAL settings and retry policy for one job's scenes; cheap to pass to every worker."""
 
-    gdal_options: dict[str, str] = field(default_factory=dict)
+    gdal_options: dict[str, str] = field(default_factory=lambda: dict(_REMOTE_DEFAULTS))
     retries: int = 4
     backoff_s: float = 0.5
 
     @classmethod
     def from_spec(cls, storage: StorageSpec) -> Access:
-        options = dict(_REMOTE_DEFAULTS)
+        options: dict[str, str] = {}
         if storage.s3_endpoint:
             scheme, _, host = storage.s3_endpoint.rpartition("://")
             options |= {"AWS_S3_ENDPOINT": host, "AWS_VIRTUAL_HOSTING": "FALSE"}
@@ -85,31 +87,67 @@ class Access:
             options["AWS_PROFILE"] = storage.s3_profile
         if storage.requester_pays:
             options["AWS_REQUEST_PAYER"] = "requester"
-        return cls(options | storage.gdal_options, storage.retries, storage.retry_backoff_s)
+        return cls(_REMOTE_DEFAULTS | options | storage.gdal_options, storage.retries, storage.retry_backoff_s)
 
     @contextmanager
-    def env(self) -> Iterator[None]:
-        """GDAL configured for this job; every GDAL call on a scene runs inside it."""
-        with rasterio.Env(**self.gdal_options):
+    def env(self, **extra: str) -> Iterator[None]:
+        """GDAL configured for this job (plus ``extra``); every GDAL call on a scene runs inside it."""
+        with rasterio.Env(**self.gdal_options, **_credential_files(), **extra):
             yield
 
-    def retrying(self, operation: Callable[[], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
-        """Run ``operation``; retry transient failures ``retries`` times, waiting ``backoff_s`` x 2^k.
+    def retrying(self, uri: str, operation: Callable[[], T], on_retry: Callable[[], None] | None = None) -> T:
+        """Run ``operation`` on ``uri``; if remote, retry failures ``retries`` times, waiting ``backoff_s`` x 2^k.
 
+        Local files and permanent remote errors (404, access denied) fail at once. Retries bypass GDAL's
+        per-process cache of the URL, which would otherwise replay a failed open without asking the server.
         ``on_retry`` runs before each new attempt (e.g. to reopen a dataset whose connection broke).
-        Non-transient errors (a corrupt block, a missing file) are raised at once.
         """
-        attempt = 0
+        attempt, extra = 0, {}
         while True:
             try:
-                with self.env():
+                with self.env(**extra):
                     return operation()
             except RasterioError as exc:
-                if attempt == self.retries or not is_transient(exc):
+                if not is_remote(uri) or attempt == self.retries or is_permanent(exc):
                     raise
                 delay = self.backoff_s * 2**attempt
                 attempt += 1
-                log.info("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt, self.retries, delay)
+                log.info("%s failed (%s); retry %d/%d in %.2f s", uri, exc, attempt, self.retries, delay)
                 time.sleep(delay)
+                extra = {"CPL_VSIL_CURL_NON_CACHED": gdal_path(uri)}
                 if on_retry:
                     on_retry()
+
+
+@contextmanager
+def gdal_warnings() -> Iterator[list[str]]:
+    """Collect what GDAL warns while the block runs: the HTTP status behind a bare "Read failed", say."""
+    warnings: list[str] = []
+    handler = _Collector(warnings)
+    logger = logging.getLogger("rasterio._err")  # where rasterio sends GDAL's non-fatal messages
+    logger.addHandler(handler)
+    try:
+        yield warnings
+    finally:
+        logger.removeHandler(handler)
+
+
+def describe_error(exc: RasterioError, warnings: list[str]) -> str:
+    """One line: rasterio's message, GDAL's reason (the exception's cause) and GDAL's last warning."""
+    parts = [str(exc), f"({exc.__cause__})" if exc.__cause__ else "", f"[GDAL: {warnings[-1]}]" if warnings else ""]
+    return " ".join(" ".join(part.split()) for part in parts if part)
+
+
+class _Collector(logging.Handler):
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _credential_files() -> dict[str, str]:
+    """Point GDAL at the AWS credential and config files that boto3 users name (GDAL has its own names)."""
+    names = {"AWS_SHARED_CREDENTIALS_FILE": "CPL_AWS_CREDENTIALS_FILE", "AWS_CONFIG_FILE": "CPL_AWS_CONFIG_FILE"}
+    return {gdal: os.environ[aws] for aws, gdal in names.items() if aws in os.environ and gdal not in os.environ}

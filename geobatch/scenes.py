@@ -31,7 +31,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import bounds as window_bounds
 
-from geobatch.access import Access, gdal_path, is_remote
+from geobatch.access import Access, describe_error, gdal_path, gdal_warnings, is_remote
 from geobatch.errors import MissingBand, SceneUnreadable
 from geobatch.jobs import BAND_NAMES, JobSpec, SceneSpec, as_utc
 
@@ -204,10 +204,11 @@ class SceneReader:
                 self._read_file, uri, [scene.bands[name].index for name in names], window, scene.geobox.affine
             )
             try:
-                data, file_valid = self.access.retrying(read, f"reading {uri}", on_retry=partial(self._close, uri))
+                with gdal_warnings() as warnings:
+                    data, file_valid = self.access.retrying(uri, read, on_retry=partial(self._close, uri))
             except RasterioError as exc:
-                detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)  # GDAL's reason is the cause
-                raise SceneUnreadable(f"scene {uri}: cannot read window {_describe(window)}: {detail}") from None
+                reason = describe_error(exc, warnings)
+                raise SceneUnreadable(f"scene {uri}: cannot read window {_describe(window)}: {reason}") from None
             stored.update(zip(names, data))
             valid &= file_valid
         inputs = {name: scene.values[name].apply(stored[name]) for name in bands}
@@ -288,9 +289,10 @@ def _open_metadata(uri: str, access: Access) -> _FileInfo:
             )
 
     try:
-        return access.retrying(read, f"opening {uri}")
+        with gdal_warnings() as warnings:
+            return access.retrying(uri, read)
     except RasterioError as exc:
-        raise SceneUnreadable(f"scene {uri}: cannot open: {' '.join(str(exc).split())}") from None
+        raise SceneUnreadable(f"scene {uri}: cannot open: {describe_error(exc, warnings)}") from None
 
 
 def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[SceneFailure]]:
@@ -380,9 +382,11 @@ def _stretch_limits(info: _FileInfo, index: int, access: Access) -> tuple[float,
             return np.concatenate([src.read(index, window=w, masked=True).compressed() for w in _sample_grid(info)])
 
     try:
-        sample = access.retrying(read, f"computing the value stretch of {info.uri}")
+        with gdal_warnings() as warnings:
+            sample = access.retrying(info.uri, read)
     except RasterioError as exc:
-        raise SceneUnreadable(f"scene {info.uri}: cannot read an overview for the value stretch: {exc}") from None
+        reason = describe_error(exc, warnings)
+        raise SceneUnreadable(f"scene {info.uri}: cannot read an overview for the value stretch: {reason}") from None
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         return 0.0, 1.0
