@@ -42,7 +42,16 @@ def build_scene(size: int, path: Path) -> Path:
     height = min(s.shape[1] for s in sources)
     width = min(s.shape[2] for s in sources)
     sources = [s[:, :height, :width] for s in sources]
-    profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="YES", photometric="minisblack")
+    profile.update(
+        width=size,
+        height=size,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        BIGTIFF="YES",
+        photometric="minisblack",
+    )
     partial = path.with_suffix(".partial.tif")
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(partial, "w", **profile) as dst:

@@ -47,6 +47,7 @@ _PERMANENT = re.compile(
     re.IGNORECASE,
 )
 
+
 def gdal_path(uri: str) -> str:
     """The path GDAL opens for ``uri``: ``s3://b/k`` becomes ``/vsis3/b/k``, URLs go through ``/vsicurl/``."""
     if uri.startswith(("http://", "https://")):

@@ -370,7 +370,7 @@ def _value_map(info: _FileInfo, source: BandSource, values: InputValues, access:
 
 
 def _stretch_limits(info: _FileInfo, index: int, access: Access) -> tuple[float, float]:
-    """Percentiles of one band from an overview (or, without overviews, a sparse grid of small windows)."""
+    """Percentiles of one band from an overview (or, without overviews, 16 storage blocks spread over it)."""
     height, width = info.shape
     usable = [f for f in info.overviews if f <= max(1, max(height, width) // _STRETCH_SAMPLE_PX)]
 
@@ -379,7 +379,8 @@ def _stretch_limits(info: _FileInfo, index: int, access: Access) -> tuple[float,
             if usable:  # GDAL serves a read at an overview's size from that overview
                 level = max(usable)
                 return src.read(index, out_shape=(height // level, width // level), masked=True).compressed()
-            return np.concatenate([src.read(index, window=w, masked=True).compressed() for w in _sample_grid(info)])
+            windows = _sample_blocks(src, index)
+            return np.concatenate([src.read(index, window=w, masked=True).compressed() for w in windows])
 
     try:
         with gdal_warnings() as warnings:
@@ -394,11 +395,12 @@ def _stretch_limits(info: _FileInfo, index: int, access: Access) -> tuple[float,
     return (low, high) if high > low else (low, low + 1.0)
 
 
-def _sample_grid(info: _FileInfo, count: int = 8, size: int = 64) -> Iterable[Window]:
-    height, width = info.shape
-    for row in np.linspace(0, max(height - size, 0), count, dtype=int):
-        for col in np.linspace(0, max(width - size, 0), count, dtype=int):
-            yield Window(int(col), int(row), min(size, width), min(size, height))
+def _sample_blocks(src: rasterio.DatasetReader, index: int, per_side: int = 4) -> list[Window]:
+    """A spread of whole storage blocks (at most ``per_side``² of them): each costs one block read."""
+    block_rows, block_cols = (math.ceil(n / b) for n, b in zip(src.shape, src.block_shapes[index - 1]))
+    rows = sorted({int(r) for r in np.linspace(0, block_rows - 1, per_side)})
+    cols = sorted({int(c) for c in np.linspace(0, block_cols - 1, per_side)})
+    return [src.block_window(index, row, col) for row in rows for col in cols]
 
 
 def _tagged_datetime(src: rasterio.DatasetReader) -> dt.datetime | None:

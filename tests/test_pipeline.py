@@ -107,6 +107,25 @@ def test_mosaic_is_georeferenced_for_xarray_and_rioxarray(run):
     assert mosaic["label"].attrs["flag_meanings"] == "background water nodata"
 
 
+def test_a_target_resolution_georeferences_the_mosaic_and_the_objects(ray_session, tmp_path):
+    native = run_job(load_job(write_job(tmp_path / "native.yaml", output="native", tiling={"core": 512})))
+    spec = load_job(write_job(tmp_path / "job.yaml", resolution=10.0, tiling={"core": 512}))
+    summary = run_job(spec)
+    mosaic = open_mosaic(spec.output / "mosaics" / f"{NAIP_2010.stem}.zarr")
+    with rasterio.open(NAIP_2010) as src:
+        assert mosaic.rio.shape == (src.height // 2, src.width // 2)
+        assert mosaic["label"].rio.transform() == src.transform @ src.transform.scale(2)
+    fine, coarse = (gpd.read_parquet(s.tables["objects"]) for s in (native, summary))
+    assert len(coarse) < len(fine)  # the smallest ponds vanish at 10 m
+    # Water keeps its area at half the resolution (a wrong pixel size would scale it by 4 or 1/4) ...
+    assert coarse.area_m2.sum() / fine.area_m2.sum() == pytest.approx(1, abs=0.1)
+    # ... and its place: each large pond meets coarse water of about its area (some merge with neighbours).
+    big = fine[fine.area_m2 > 50_000]
+    matched = gpd.sjoin(big, coarse, predicate="intersects")
+    ratio = matched.groupby(level=0)["area_m2_right"].sum() / big["area_m2"]
+    assert len(ratio) == len(big) and ratio.median() == pytest.approx(1, abs=0.05)
+
+
 def test_mosaic_chunks_are_the_tile_cores(run):
     summary, mosaic_path, core = run
     mosaic = open_mosaic(mosaic_path)

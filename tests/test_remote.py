@@ -103,8 +103,39 @@ def test_reading_one_tile_of_a_remote_cog_costs_a_few_range_requests():
         reading = server.requests
     assert len(opening) <= 3, opening  # HEAD + one header range (+ nothing listed next to it)
     assert len(reading) <= 2, reading  # the blocks under the window, merged into one range
-    fetched = sum(int(end) - int(start) + 1 for *_, r in reading for start, end in [r.split("=")[1].split("-")])
-    assert fetched < NAIP_2010.stat().st_size / 2
+    assert fetched_bytes(reading) < NAIP_2010.stat().st_size / 2
+
+
+def fetched_bytes(requests) -> int:
+    """Bytes asked for by ranged GETs (every request GDAL makes for data is ranged)."""
+    ranges = [r.split("=")[1].split("-") for method, _, r in requests if method == "GET" and r]
+    return sum(int(end) - int(start) + 1 for start, end in ranges)
+
+
+@pytest.mark.parametrize("overviews", [(), (2, 4, 8)], ids=["no-overviews", "overviews"])
+def test_the_display_stretch_of_a_16_bit_scene_reads_an_overview_or_a_few_blocks(tmp_path, overviews):
+    with rasterio.open(NAIP_2010) as src:
+        data, profile = src.read(), src.profile
+    big = np.tile(data, (1, 3, 3)).astype(np.uint16) * 257  # 2802 x 2169 px, 16-bit
+    profile.update(
+        dtype="uint16",
+        height=big.shape[1],
+        width=big.shape[2],
+        blockxsize=256,
+        blockysize=256,
+        photometric="MINISBLACK",
+    )
+    with rasterio.open(tmp_path / "big16.tif", "w", **profile) as dst:
+        dst.write(big)
+        if overviews:
+            dst.build_overviews(list(overviews))
+    with serve_files(tmp_path) as server:
+        url = server.url("big16.tif")
+        sources = {name: BandSource(url, index) for name, index in NAIP_BANDS.items()}
+        scene = open_scene(SceneRef("big16", url, None, sources, url), ("green",), values="display")
+        fetched = fetched_bytes(server.requests)
+    assert scene.values["green"].clip == (0.0, 255.0)  # a stretch was computed
+    assert fetched < 0.25 * (tmp_path / "big16.tif").stat().st_size, fetched
 
 
 def test_credentials_from_the_environment_read_a_scene_from_s3(monkeypatch):
