@@ -8,7 +8,7 @@ import sys
 import geopandas as gpd
 import pytest
 import ray
-from conftest import NAIP_2010, REPO, write_job
+from conftest import NAIP_2010, REPO, SHARED_DATA, write_job
 from typer.testing import CliRunner
 
 from geobatch.cli import EXIT_BAD_JOB, EXIT_FAILURES, app
@@ -69,6 +69,26 @@ def test_missing_scene_fails_alone_the_rest_completes_and_the_exit_status_says_s
     assert scenes.loc[NAIP_2010.stem, "status"] == "done"
     objects = gpd.read_parquet(tmp_path / "out" / "catalog" / "objects.parquet")
     assert len(objects) > 0 and set(objects["scene_id"]) == {NAIP_2010.stem}
+
+
+def test_failures_are_tabled_by_reason_and_nodata_scenes_are_a_note_not_an_error(ray_session, tmp_path):
+    samples = SHARED_DATA / "samples"
+    scenes = [{"uri": str(samples / name), "bands": {"nir": 1}} for name in ("corrupt.tif", "cogeo.tif")]
+    scenes.append(str(samples / "all-nodata.tif"))
+    result = runner.invoke(app, ["run", str(write_job(tmp_path / "job.yaml", scenes=scenes, bands={}))])
+    assert result.exit_code == EXIT_FAILURES, result.output
+    problems = result.stdout[result.stdout.index("problems") :]
+    assert "corrupt" in problems and "IReadBlock failed" in problems and "all-nodata" in problems
+    assert "cogeo " not in problems
+    assert [line.split(": ")[2] for line in error_lines(result)] == [f"scene {samples / 'corrupt.tif'}"]
+    assert f"geobatch: note: scene {samples / 'all-nodata.tif'}: skipped: no valid pixels" in result.stderr
+
+
+def test_a_job_whose_only_problem_is_nodata_exits_0(ray_session, tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=[str(SHARED_DATA / "samples" / "all-nodata.tif")], bands={})
+    result = runner.invoke(app, ["run", str(job)])
+    assert result.exit_code == 0, result.output
+    assert "scenes: 1 (0 done, 1 skipped, 0 partial, 0 failed)" in result.stdout
 
 
 @pytest.fixture(scope="module")
