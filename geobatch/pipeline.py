@@ -101,8 +101,8 @@ def run_job(
     for ref in refs:
         try:
             scenes.append(open_scene(ref, bands, values=model.input_values, resolution=spec.resolution, access=access))
-        except GeobatchError as exc:
-            failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc)))
+        except GeobatchError as exc:  # the message names the scene; the reason need not repeat it
+            failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc).removeprefix(f"scene {ref.uri}: ")))
     for failure in failures:
         log.info("scene %s failed: %s", failure.scene_id, failure.reason)
 

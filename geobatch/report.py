@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from geobatch.pipeline import RunSummary
+
+_WINDOW = re.compile(r"window \(col \d+, row \d+, \d+x\d+\)")  # tiles differ only in it: group them
 
 _STATUS_STYLE = {"done": "green", "skipped": "dim", "partial": "yellow", "failed": "red"}
 
@@ -43,8 +47,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
 
 
 def _print_problems(summary: RunSummary, console: Console) -> None:
-    """One row per scene and reason: scenes that could not be used, then tiles grouped by why they failed."""
-    rows = Counter((t.scene_id, t.reason) for t in summary.failed_tiles)
+    """One row per scene and reason: scenes that could not be used, then tiles grouped by why they failed
+    (their reasons differ only in the window they name)."""
+    rows = Counter((t.scene_id, _WINDOW.sub("window", t.reason or "")) for t in summary.failed_tiles)
     whole_scenes = [s for s in summary.scenes if s.status in ("failed", "skipped") and not s.tiles_failed]
     if not rows and not whole_scenes:
         return
@@ -53,7 +58,7 @@ def _print_problems(summary: RunSummary, console: Console) -> None:
         table.add_column(column, overflow="fold", no_wrap=column != "reason")
     for scene in whole_scenes:
         style = _STATUS_STYLE[scene.status]
-        table.add_row(scene.scene_id, f"[{style}]{scene.status}[/]", "all", scene.reason or "")
+        table.add_row(scene.scene_id, f"[{style}]{scene.status}[/]", "all", escape(scene.reason or ""))
     for (scene_id, reason), count in rows.items():
-        table.add_row(scene_id, "[red]failed[/]", str(count), reason or "")
+        table.add_row(scene_id, "[red]failed[/]", str(count), escape(reason))
     console.print(table)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,11 +51,7 @@ Request = tuple[str, str, "str | None"]  # (method, path as sent, Range header o
 
 
 class FileServer:
-    """What ``serve_files`` yields: the address, the log of requests and the misbehaviour knobs.
-
-    ``drop_every`` and ``fail_after_bytes`` can be changed while the server runs, e.g.
-    ``server.drop_every = 0`` makes a flaky server healthy again.
-    """
+    """What ``serve_files`` yields: the address and the log of requests."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -72,22 +69,6 @@ class FileServer:
         """Forget the requests seen so far; ``drop_every`` counts afresh from here."""
         self._control("reset", {})
 
-    @property
-    def drop_every(self) -> int:
-        return self._control("config")["drop_every"]
-
-    @drop_every.setter
-    def drop_every(self, n: int) -> None:
-        self._control("config", {"drop_every": n})
-
-    @property
-    def fail_after_bytes(self) -> int | None:
-        return self._control("config")["fail_after_bytes"]
-
-    @fail_after_bytes.setter
-    def fail_after_bytes(self, k: int | None) -> None:
-        self._control("config", {"fail_after_bytes": k})
-
     def _control(self, what: str, change: dict | None = None):
         """GET (or, with ``change``, POST) ``/_control/<what>``; returns the decoded JSON answer."""
         data = None if change is None else json.dumps(change).encode()
@@ -97,7 +78,9 @@ class FileServer:
 
 
 @contextlib.contextmanager
-def serve_files(root: Path, *, drop_every: int = 0, fail_after_bytes: int | None = None) -> Iterator[FileServer]:
+def serve_files(
+    root: Path, *, drop_every: int = 0, fail_from_byte: int | None = None, fail_first: int = 0
+) -> Iterator[FileServer]:
     """Serve the files under ``root`` on http://127.0.0.1:PORT/ for the ``with`` block.
 
     HEAD and GET, keep-alive, single ``Range: bytes=a-b`` / ``a-`` / ``-n`` requests (206 with
@@ -108,14 +91,15 @@ def serve_files(root: Path, *, drop_every: int = 0, fail_after_bytes: int | None
       "Empty reply from server". GDAL hides isolated drops: libcurl resends a request once
       when a reused keep-alive connection dies like this, and /vsicurl/ tries a failed range
       download three times, so with n >= 2 opens and reads still succeed (a count of the
-      requests shows the drops). ``drop_every=1``, set back to 0 to heal, makes them fail.
-    * ``fail_after_bytes=k``: a GET whose first requested byte (the range start; 0 without a
-      Range header) is at or past ``k`` gets 503. HEAD and reads before ``k`` still work: a
-      server that went down after the scene's header was read.
+      requests shows the drops).
+    * ``fail_from_byte=k``: a GET whose range reaches byte ``k`` or beyond gets 503. HEAD and
+      reads of bytes before ``k`` still work: a server that went down after the scene's header
+      was read, or (``k`` = where a file's last block starts) one block that cannot be had.
+    * ``fail_first=n``: each distinct (path, range) GET gets 503 its first ``n`` times, then
+      succeeds: an outage that outlasts GDAL's own immediate repeats and ends later.
     """
-    config = json.dumps(
-        {"root": str(Path(root).resolve()), "drop_every": drop_every, "fail_after_bytes": fail_after_bytes}
-    )
+    settings = {"drop_every": drop_every, "fail_from_byte": fail_from_byte, "fail_first": fail_first}
+    config = json.dumps({"root": str(Path(root).resolve()), **settings})
     # stdin stays open for the life of the server: the child stops when it closes, so it
     # cannot outlive the test process even if that is killed.
     child = subprocess.Popen(
@@ -143,13 +127,25 @@ def serve_files(root: Path, *, drop_every: int = 0, fail_after_bytes: int | None
 class _State:
     """The server's settings and request log, shared by its handler threads."""
 
-    def __init__(self, root: str, drop_every: int, fail_after_bytes: int | None) -> None:
+    def __init__(self, root: str, drop_every: int, fail_from_byte: int | None, fail_first: int) -> None:
         self.root = Path(root)
         self.drop_every = drop_every
-        self.fail_after_bytes = fail_after_bytes
+        self.fail_from_byte = fail_from_byte
+        self.fail_first = fail_first
         self.lock = threading.Lock()
         self.requests: list[Request] = []
         self.count = 0  # requests since start or the last reset, for drop_every
+        self.failed: Counter[tuple[str, str | None]] = Counter()  # 503s so far per (path, range)
+
+    def must_fail(self, path: str, range_header: str | None, end: int) -> bool:
+        """Whether this GET gets 503: it reaches ``fail_from_byte``, or its first ``fail_first`` times."""
+        with self.lock:
+            if self.fail_from_byte is not None and end >= self.fail_from_byte:
+                return True
+            if self.failed[path, range_header] < self.fail_first:
+                self.failed[path, range_header] += 1
+                return True
+            return False
 
     def record(self, method: str, path: str, range_header: str | None) -> bool:
         """Log one request; True when it is the one in ``drop_every`` to drop."""
@@ -208,8 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             start, status = max(size - int(last), 0), HTTPStatus.PARTIAL_CONTENT
 
-        if body and state.fail_after_bytes is not None and start >= state.fail_after_bytes:
-            self._reply(HTTPStatus.SERVICE_UNAVAILABLE)  # the data is gone, the header was not
+        if body and state.must_fail(self.path, range_header, end):
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE)
             return
 
         length = end - start + 1
@@ -232,22 +228,16 @@ class _Handler(BaseHTTPRequestHandler):
         return path if path.is_relative_to(root) and path.is_file() else None
 
     def _control(self) -> None:
-        """``/_control/requests``, ``/_control/reset``, ``/_control/config``: the test's remote."""
+        """``/_control/requests`` and ``/_control/reset``: the test's remote."""
         state = self.server.state
         what = self.path.removeprefix(_CONTROL)
-        length = int(self.headers.get("Content-Length") or 0)
-        change = json.loads(self.rfile.read(length)) if length else {}
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # a POST body carries nothing
         with state.lock:
             if what == "requests":
                 answer = state.requests
             elif what == "reset":
                 state.requests, state.count = [], 0
                 answer = {}
-            elif what == "config":
-                for key in ("drop_every", "fail_after_bytes"):
-                    if key in change:
-                        setattr(state, key, change[key])
-                answer = {"drop_every": state.drop_every, "fail_after_bytes": state.fail_after_bytes}
             else:
                 answer = None
         if answer is None:
