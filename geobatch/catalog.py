@@ -39,12 +39,13 @@ def write_table(output: str | Path, table: str, frame: gpd.GeoDataFrame) -> Path
     return write_geoparquet(frame, table_path(output, table))
 
 
-def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
+def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, sort: bool = True) -> Path:
     """Write ``frame`` to ``path`` as GeoParquet 1.1 in EPSG:4326 with a bbox covering, Hilbert-sorted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame = _finite(frame.to_crs(4326))
-    frame = frame.iloc[_spatial_order(frame)]
+    if sort:
+        frame = frame.iloc[_spatial_order(frame)]
     partial = path.with_name(path.name + ".partial")
     frame.to_parquet(partial, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=65536)
     os.replace(partial, path)

@@ -6,16 +6,28 @@ Exit status: 0 when everything ran; 2 for a bad job or bad arguments (nothing wa
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from geobatch import catalog
 from geobatch.errors import GeobatchError
@@ -61,15 +73,8 @@ def run(
         if address:
             updates["ray"] = spec.ray.model_copy(update={"address": address})
         spec = spec.model_copy(update=updates)
-        console = Console(stderr=True)
-        columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("tiles", total=None)
-            summary = run_job(
-                spec,
-                on_tile=lambda outcome: progress.advance(task),
-                total_tiles=lambda n: progress.update(task, total=n),
-            )
+        with _tile_progress(Console(stderr=True)) as (on_tile, total_tiles):
+            summary = run_job(spec, on_tile=on_tile, total_tiles=total_tiles)
     except GeobatchError as exc:
         raise _fail(str(exc)) from None
     print_summary(summary, Console())
@@ -79,6 +84,36 @@ def run(
             print(f"geobatch: {kind}: scene {scene.uri}: {scene.status}: {scene.reason}", file=sys.stderr)
     if summary.failed:
         raise typer.Exit(EXIT_FAILURES)
+
+
+class _TileRate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} tiles/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def _tile_progress(console: Console) -> Iterator[tuple[Callable, Callable]]:
+    """A progress bar of tiles (finished by an earlier run count as done) with failures, rate and ETA."""
+    columns = (
+        TextColumn("tiles"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed[/] {task.fields[skipped]} skipped"),
+        _TileRate(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("tiles", total=None, failed=0, skipped=0)
+        counts = Counter()
+
+        def on_tile(outcome) -> None:
+            counts[outcome.status] += 1
+            progress.update(task, advance=1, failed=counts["failed"], skipped=counts["skipped"])
+
+        def total_tiles(total: int, finished: int) -> None:
+            progress.reset(task, total=total, completed=finished, failed=0, skipped=0)
+
+        yield on_tile, total_tiles
 
 
 def _parse_bbox(text: str) -> tuple[float, float, float, float]:

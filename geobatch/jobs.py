@@ -135,10 +135,17 @@ class StorageSpec(_Frozen):
 
 
 class RaySpec(_Frozen):
-    """Where inference runs: a local Ray by default, or a cluster address."""
+    """Where inference runs (a local Ray by default, or a cluster address) and how the actor pool is shaped.
+
+    One model actor per GPU when the cluster has GPUs, else one per CPU; ``num_actors`` overrides.
+    ``batch_size`` defaults to the model backend's. A batch whose actor died is retried ``max_retries``
+    times on the restarted actor before its tiles count as failed.
+    """
 
     address: str | None = None
     num_actors: Annotated[int, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(gt=0, le=1024)] | None = None
+    max_retries: Annotated[int, Field(ge=0, le=20)] = 3
 
 
 class JobSpec(_Frozen):

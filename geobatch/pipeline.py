@@ -2,17 +2,21 @@
 
 Job-level problems (unknown model, a prompt the model cannot answer) raise before anything is written.
 Scene- and tile-level problems are recorded as data and the rest of the job goes on; the summary's
-``failed`` says whether anything was lost.
+``failed`` says whether anything was lost. Progress is recorded in the run ledger as it happens, so a
+rerun after a crash (or of a finished job) does only what is left; the catalog tables are rebuilt from
+the ledger and the staged per-scene objects at the end of every invocation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import dataclasses
+import json
 import logging
+import math
+import os
 import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,12 +33,13 @@ from ray.util.dask import ray_dask_get
 from geobatch import catalog
 from geobatch.access import Access
 from geobatch.errors import GeobatchError
-from geobatch.infer import TileOutcome, TileWork, run_tiles
+from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
 from geobatch.jobs import JobSpec
+from geobatch.ledger import Ledger, job_fingerprint
 from geobatch.models.base import Prompt, load_model
 from geobatch.scenes import Scene, SceneFailure, discover, open_scene
 from geobatch.stitch import Mosaic, create_mosaic
-from geobatch.tiling import Tile, TileGrid, plan_tiles
+from geobatch.tiling import TileGrid, plan_tiles
 from geobatch.vectorize import vectorize
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,8 @@ class RunSummary:
     objects_per_label: dict[str, int]
     failed_tiles: tuple[TileOutcome, ...] = ()
     tables: dict[str, Path] = field(default_factory=dict)
+    tiles_inferred: int = 0  # tiles sent to the model by this invocation (not those finished before it)
+    resumed: bool = False
 
     @property
     def failed(self) -> bool:
@@ -87,15 +94,19 @@ class RunSummary:
 def run_job(
     spec: JobSpec,
     on_tile: Callable[[TileOutcome], None] | None = None,
-    total_tiles: Callable[[int], None] | None = None,
+    total_tiles: Callable[[int, int], None] | None = None,
 ) -> RunSummary:
-    """Run ``spec`` end to end. Raises :class:`GeobatchError` only for problems with the job itself."""
+    """Run ``spec`` end to end, resuming the run recorded in its output folder if there is one.
+
+    ``total_tiles(total, already_finished)`` is called once the plan is known; ``on_tile`` for each tile
+    outcome as it arrives. Raises :class:`GeobatchError` only for problems with the job itself.
+    """
     started = time.perf_counter()
-    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     prompts = [Prompt(p.text, p.kind, p.label) for p in spec.prompts]
     model = load_model(spec.model.name, spec.model.options)
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
+    ledger = Ledger.open(spec.output, job_fingerprint(spec))
     refs, failures = discover(spec)
     scenes: list[Scene] = []
     for ref in refs:
@@ -109,38 +120,56 @@ def run_job(
     grid = TileGrid(spec.tiling.core, spec.tiling.overlap)
     labels = [p.label for p in prompts]
     mosaic_dir = spec.output / "mosaics"
-    mosaics = {s.scene_id: create_mosaic(s, grid, labels, mosaic_dir / f"{s.scene_id}.zarr.partial") for s in scenes}
-    tiles = {s.scene_id: list(plan_tiles(s.scene_id, s.shape, grid)) for s in scenes}
-    work = [TileWork(s, t, mosaics[s.scene_id]) for s in scenes for t in tiles[s.scene_id]]
+    finished = {s.scene_id: outcome for s in scenes if (outcome := _finished(ledger, s, mosaic_dir))}
+    active = [s for s in scenes if s.scene_id not in finished]
+    mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed) for s in active}
+    skip = ledger.finished_tiles(s.scene_id for s in active)
     if total_tiles:
-        total_tiles(len(work))
-
-    outcomes: dict[str, TileOutcome] = {}
-    with _ray_session(spec.ray.address) if work else contextlib.nullcontext():
-        for outcome in run_tiles(work, spec.model, prompts, bands, access, spec.ray.num_actors):
-            outcomes[outcome.tile_id] = outcome
-            if on_tile:
-                on_tile(outcome)
+        count = {s.scene_id: math.prod(grid.layout(s.shape)) for s in scenes}
+        total_tiles(sum(count.values()), sum(count[s] for s in finished) + len(skip))
+    work = (
+        TileWork(s, t, mosaics[s.scene_id])
+        for s in active
+        for t in plan_tiles(s.scene_id, s.shape, grid)
+        if t.tile_id not in skip
+    )
+    report = None
+    with _ray_session(spec.ray.address) if active else contextlib.nullcontext():
+        if active:
+            settings = inference_settings(model, spec.ray.num_actors, spec.ray.batch_size, spec.ray.max_retries)
+            report = PoolReport(settings, [])
+            for outcome in run_tiles(work, spec.model, prompts, bands, access, settings, report):
+                ledger.record_tile(outcome)
+                if on_tile:
+                    on_tile(outcome)
         with dask.config.set(scheduler=ray_dask_get):
-            results = [_finish_scene(s, mosaics[s.scene_id], tiles[s.scene_id], outcomes, mosaic_dir) for s in scenes]
+            for scene in active:
+                finished[scene.scene_id] = _finish_scene(scene, mosaics[scene.scene_id], grid, ledger, spec, prompts)
 
-    scene_outcomes = [r[0] for r in results] + [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
-    objects = _object_table([r[1] for r in results], spec, run_id, {p.label: p.text for p in prompts}, scenes)
+    scene_outcomes = [finished[s.scene_id] for s in scenes]
+    scene_outcomes += [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
+    objects = _object_table(ledger.objects_folder, [o for o in scene_outcomes if o.objects])
+    failed_tiles = [o for s in scenes for o in ledger.tile_outcomes(s.scene_id).values() if o.status == "failed"]
     tables = {
         "objects": catalog.write_table(spec.output, "objects", objects),
-        "scenes": catalog.write_table(spec.output, "scenes", _scene_table(scenes, scene_outcomes, run_id)),
-        "tiles": catalog.write_table(spec.output, "tiles", _tile_table(scenes, tiles, outcomes, run_id)),
+        "scenes": catalog.write_table(spec.output, "scenes", _scene_table(scenes, scene_outcomes, ledger.run_id)),
+        "tiles": catalog.write_table(spec.output, "tiles", _tile_table(scenes, grid, ledger)),
     }
-    return RunSummary(
-        run_id=run_id,
+    summary = RunSummary(
+        run_id=ledger.run_id,
         job=spec.name,
         output=spec.output,
         seconds=time.perf_counter() - started,
         scenes=tuple(scene_outcomes),
         objects_per_label=dict(Counter(objects["label"])),
-        failed_tiles=tuple(o for o in outcomes.values() if o.status == "failed"),
+        failed_tiles=tuple(failed_tiles),
         tables=tables,
+        tiles_inferred=report.tiles if report else 0,
+        resumed=ledger.resumed,
     )
+    _write_summary_file(ledger.folder / "summary.json", summary, report)
+    ledger.close()
+    return summary
 
 
 @contextlib.contextmanager
@@ -156,42 +185,86 @@ def _ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
+def _finished(ledger: Ledger, scene: Scene, mosaic_dir: Path) -> SceneOutcome | None:
+    """The outcome of a scene an earlier invocation of this run completed, if nothing is left to do for it."""
+    recorded = ledger.scene_outcome(scene.scene_id)
+    if recorded is None or recorded["status"] not in ("done", "skipped"):
+        return None  # never finished, or has failed tiles to try again
+    outcome = SceneOutcome(**recorded)
+    if outcome.objects and not (ledger.objects_folder / f"{scene.scene_id}.parquet").exists():
+        return None
+    _publish(mosaic_dir, scene.scene_id)  # in case the run stopped between recording and moving
+    return outcome
+
+
+def _staged_mosaic(scene: Scene, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool) -> Mosaic:
+    """The scene's ``.zarr.partial`` mosaic: kept when resuming (its chunks are finished tiles), else new."""
+    partial, final = mosaic_dir / f"{scene.scene_id}.zarr.partial", mosaic_dir / f"{scene.scene_id}.zarr"
+    if resume and final.exists() and not partial.exists():
+        final.rename(partial)  # published with failed tiles: reopened to add the retried ones
+    return create_mosaic(scene, grid, labels, partial, keep_existing=resume)
+
+
+def _publish(mosaic_dir: Path, scene_id: str) -> None:
+    partial, final = mosaic_dir / f"{scene_id}.zarr.partial", mosaic_dir / f"{scene_id}.zarr"
+    if partial.exists():
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+
+
 def _finish_scene(
-    scene: Scene, mosaic: Mosaic, tiles: list[Tile], outcomes: dict[str, TileOutcome], mosaic_dir: Path
-) -> tuple[SceneOutcome, gpd.GeoDataFrame | None]:
-    """Vectorise a scene whose tiles are all processed and move its mosaic into place."""
-    statuses = Counter(outcomes[t.tile_id].status for t in tiles)
+    scene: Scene, mosaic: Mosaic, grid: TileGrid, ledger: Ledger, spec: JobSpec, prompts: list[Prompt]
+) -> SceneOutcome:
+    """Vectorise a scene whose tiles are all processed, stage its objects, and move its mosaic into place.
+
+    The ledger records the scene before the mosaic moves, so a run killed in between finishes the move.
+    """
+    outcomes = ledger.tile_outcomes(scene.scene_id)
+    statuses = Counter(o.status for o in outcomes.values())
     counts = (statuses["done"], statuses["failed"], statuses["skipped"])
-    failed = next((outcomes[t.tile_id].reason for t in tiles if outcomes[t.tile_id].status == "failed"), None)
+    failed = next((o.reason for o in outcomes.values() if o.status == "failed"), None)
+    mosaic_dir = Path(mosaic.path).parent
     if not statuses["done"]:
         shutil.rmtree(mosaic.path, ignore_errors=True)
         status, reason = (
             ("failed", f"{statuses['failed']} tile(s) failed; first: {failed}")
             if failed
-            else ("skipped", f"no valid pixels: all {len(tiles)} tiles are nodata")
+            else ("skipped", f"no valid pixels: all {len(outcomes)} tiles are nodata")
         )
-        return SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts), None
-    objects = vectorize(mosaic, scene)
-    final = mosaic_dir / f"{scene.scene_id}.zarr"
-    shutil.rmtree(final, ignore_errors=True)
-    Path(mosaic.path).rename(final)
+        outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts)
+        ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
+        return outcome
+    objects = _catalogue_objects(vectorize(mosaic, scene), scene, spec, ledger.run_id, prompts)
+    catalog.write_geoparquet(objects, ledger.objects_folder / f"{scene.scene_id}.parquet", sort=False)
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
-    return SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, len(objects), str(final)), objects
+    final = str(mosaic_dir / f"{scene.scene_id}.zarr")
+    outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, len(objects), final)
+    ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
+    _publish(mosaic_dir, scene.scene_id)
+    return outcome
 
 
-def _object_table(
-    frames: list[gpd.GeoDataFrame | None], spec: JobSpec, run_id: str, phrases: dict[str, str], scenes: list[Scene]
+def _catalogue_objects(
+    objects: gpd.GeoDataFrame, scene: Scene, spec: JobSpec, run_id: str, prompts: list[Prompt]
 ) -> gpd.GeoDataFrame:
-    acquired = {s.scene_id: s.acquired_at for s in scenes}
-    parts = [frame.assign(scene_id=scene.scene_id) for scene, frame in zip(scenes, frames) if frame is not None]
-    if not parts:  # no scene got as far as vectorising; the table still gets every column
-        parts = [gpd.GeoDataFrame(columns=[*catalog.OBJECT_COLUMNS, "geometry"], geometry="geometry", crs=4326)]
-    objects = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=4326)
-    objects["phrase"] = objects["label"].map(phrases)
-    objects["acquired_at"] = pd.to_datetime(objects["scene_id"].map(acquired), utc=True)
-    objects["run_id"] = run_id
-    objects["model"] = spec.model.name
+    """A scene's objects with every catalog column."""
+    objects = objects.assign(
+        scene_id=scene.scene_id,
+        phrase=objects["label"].map({p.label: p.text for p in prompts}),
+        acquired_at=pd.Timestamp(scene.acquired_at) if scene.acquired_at else pd.NaT,
+        run_id=run_id,
+        model=spec.model.name,
+    )
+    objects["acquired_at"] = pd.to_datetime(objects["acquired_at"], utc=True)
     return objects[[*catalog.OBJECT_COLUMNS, "geometry"]]
+
+
+def _object_table(staged: Path, scenes: list[SceneOutcome]) -> gpd.GeoDataFrame:
+    """Every scene's staged objects in one table (an empty table with every column when there are none)."""
+    parts = [gpd.read_parquet(staged / f"{s.scene_id}.parquet") for s in scenes]
+    if not parts:
+        parts = [gpd.GeoDataFrame(columns=[*catalog.OBJECT_COLUMNS, "geometry"], geometry="geometry", crs=4326)]
+    return gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=4326)
 
 
 def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str) -> gpd.GeoDataFrame:
@@ -220,27 +293,56 @@ def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str)
     return frame
 
 
-def _tile_table(
-    scenes: list[Scene], tiles: dict[str, list[Tile]], outcomes: dict[str, TileOutcome], run_id: str
-) -> gpd.GeoDataFrame:
+def _tile_table(scenes: list[Scene], grid: TileGrid, ledger: Ledger) -> gpd.GeoDataFrame:
     frames = []
     for scene in scenes:
-        scene_tiles = tiles[scene.scene_id]
-        cores = [shapely.box(*window_bounds(t.core_window, scene.geobox.affine)) for t in scene_tiles]
+        outcomes = ledger.tile_outcomes(scene.scene_id)
+        tiles = [t for t in plan_tiles(scene.scene_id, scene.shape, grid) if t.tile_id in outcomes]
+        rows = [outcomes[t.tile_id] for t in tiles]
+        cores = [shapely.box(*window_bounds(t.core_window, scene.geobox.affine)) for t in tiles]
         frames.append(
             gpd.GeoDataFrame(
                 {
-                    "tile_id": [t.tile_id for t in scene_tiles],
+                    "tile_id": [t.tile_id for t in tiles],
                     "scene_id": scene.scene_id,
-                    "row": [t.row for t in scene_tiles],
-                    "col": [t.col for t in scene_tiles],
-                    "status": [outcomes[t.tile_id].status for t in scene_tiles],
-                    "reason": [outcomes[t.tile_id].reason for t in scene_tiles],
-                    "labelled_pixels": [outcomes[t.tile_id].labelled_pixels for t in scene_tiles],
-                    "run_id": run_id,
+                    "row": [t.row for t in tiles],
+                    "col": [t.col for t in tiles],
+                    "status": [o.status for o in rows],
+                    "reason": [o.reason for o in rows],
+                    "labelled_pixels": [o.labelled_pixels for o in rows],
+                    "worker": [o.worker for o in rows],
+                    "run_id": ledger.run_id,
                 },
                 geometry=gpd.GeoSeries(cores, crs=scene.geobox.crs.wkt).to_crs(4326),
             )
         )
     empty = gpd.GeoDataFrame({"tile_id": [], "scene_id": [], "status": [], "reason": []}, geometry=[], crs=4326)
     return pd.concat(frames, ignore_index=True) if frames else empty
+
+
+def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | None) -> None:
+    """The run's numbers as JSON: outcomes, and how busy the model actors were."""
+    inference = None
+    if report:
+        inference = {
+            **dataclasses.asdict(report.settings),
+            "tiles": report.tiles,
+            "seconds": round(report.seconds, 3),
+            "tiles_per_s": round(report.tiles_per_s, 3),
+            "mean_batches_in_flight": round(report.mean_batches_in_flight, 2),
+            "workers": [{**dataclasses.asdict(w), "busy_fraction": round(w.busy_fraction, 4)} for w in report.workers],
+        }
+    document = {
+        "run_id": summary.run_id,
+        "job": summary.job,
+        "resumed": summary.resumed,
+        "seconds": round(summary.seconds, 3),
+        "tiles": dict(summary.tiles),
+        "tiles_inferred": summary.tiles_inferred,
+        "scenes": [dataclasses.asdict(s) for s in summary.scenes],
+        "objects_per_label": summary.objects_per_label,
+        "inference": inference,
+    }
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(document, indent=2, default=str))
+    os.replace(partial, path)

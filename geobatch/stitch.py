@@ -54,10 +54,18 @@ class Mosaic:
         return self.labels.index(label) + 1
 
 
-def create_mosaic(scene: Scene, grid: TileGrid, labels: Sequence[str], path: Path) -> Mosaic:
-    """Declare an empty mosaic for ``scene`` at ``path`` (replacing any there); writes no pixel chunk."""
+def create_mosaic(
+    scene: Scene, grid: TileGrid, labels: Sequence[str], path: Path, keep_existing: bool = False
+) -> Mosaic:
+    """Declare an empty mosaic for ``scene`` at ``path``; writes no pixel chunk.
+
+    A mosaic already at ``path`` is replaced, or with ``keep_existing`` kept with the chunks written so far.
+    """
     if len(labels) > MAX_LABELS:
         raise ValueError(f"a mosaic holds at most {MAX_LABELS} labels, got {len(labels)}")
+    mosaic = Mosaic(scene.scene_id, str(path), scene.shape, grid.core, tuple(labels))
+    if keep_existing and Path(path).exists():
+        return mosaic
     shutil.rmtree(path, ignore_errors=True)
     height, width = scene.shape
     affine = scene.geobox.affine
@@ -77,7 +85,7 @@ def create_mosaic(scene: Scene, grid: TileGrid, labels: Sequence[str], path: Pat
     dataset["label"].attrs.update(flag_values=codes, flag_meanings=" ".join(["background", *labels, "nodata"]))
     dataset.attrs.update(scene_id=scene.scene_id, source=scene.uri)
     dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
-    return Mosaic(scene.scene_id, str(path), scene.shape, grid.core, tuple(labels))
+    return mosaic
 
 
 def compose(mosaic: Mosaic, result: TileResult, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,7 @@ def test_invalid_field_exits_2_naming_the_field(tmp_path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"model": "samm"}, "unknown model 'samm'; choose from ['spectral']"),
+        ({"model": "samm"}, "unknown model 'samm'; choose from ['fixed-cost', 'spectral']"),
         ({"prompts": ["buildings"]}, "prompt 'buildings' matches no class"),
     ],
 )

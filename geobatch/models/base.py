@@ -20,6 +20,7 @@ from geobatch.tiling import Tile
 
 MODELS: dict[str, str] = {
     "spectral": "geobatch.models.spectral:Spectral",
+    "fixed-cost": "geobatch.models.synthetic:FixedCost",
 }
 
 
@@ -62,7 +63,11 @@ class TileResult:
 
 @runtime_checkable
 class Segmenter(Protocol):
-    """What every backend provides."""
+    """What every backend provides.
+
+    Optional: ``batch_size`` (tiles per call it wants, default 1), ``device`` (what it runs on, default
+    "cpu") and ``predict_batch(tiles, prompts) -> list[TileResult]`` for backends that batch on a GPU.
+    """
 
     name: str
     input_values: InputValues  # what band values it takes: "physical" (scaled) or "display" (0-255)
