@@ -43,6 +43,8 @@ _CONTROL = "/_control/"
 # ignored and the whole file sent with 200, which RFC 9110 allows.
 _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
+_HEADER_BYTES = 32 * 1024  # what GDAL reads first when opening (GDAL_INGESTED_BYTES_AT_OPEN)
+
 Request = tuple[str, str, "str | None"]  # (method, path as sent, Range header or None)
 
 
@@ -95,8 +97,8 @@ def serve_files(
     * ``fail_from_byte=k``: a GET whose range reaches byte ``k`` or beyond gets 503. HEAD and
       reads of bytes before ``k`` still work: a server that went down after the scene's header
       was read, or (``k`` = where a file's last block starts) one block that cannot be had.
-    * ``fail_first=n``: each distinct (path, range) GET gets 503 its first ``n`` times, then
-      succeeds: an outage that outlasts GDAL's own immediate repeats and ends later.
+    * ``fail_first=n``: the first ``n`` GETs of each file's data (after its 32 KiB header) get
+      503, then all succeed: an outage that outlasts GDAL's own immediate repeats, then ends.
     """
     settings = {"drop_every": drop_every, "fail_from_byte": fail_from_byte, "fail_first": fail_first}
     config = json.dumps({"root": str(Path(root).resolve()), **settings})
@@ -135,15 +137,15 @@ class _State:
         self.lock = threading.Lock()
         self.requests: list[Request] = []
         self.count = 0  # requests since start or the last reset, for drop_every
-        self.failed: Counter[tuple[str, str | None]] = Counter()  # 503s so far per (path, range)
+        self.failed: Counter[str] = Counter()  # data GETs answered 503 so far, per path
 
-    def must_fail(self, path: str, range_header: str | None, end: int) -> bool:
-        """Whether this GET gets 503: it reaches ``fail_from_byte``, or its first ``fail_first`` times."""
+    def must_fail(self, path: str, start: int, end: int) -> bool:
+        """Whether this GET gets 503: it reaches ``fail_from_byte``, or is one of the first ``fail_first``."""
         with self.lock:
             if self.fail_from_byte is not None and end >= self.fail_from_byte:
                 return True
-            if self.failed[path, range_header] < self.fail_first:
-                self.failed[path, range_header] += 1
+            if start >= _HEADER_BYTES and self.failed[path] < self.fail_first:
+                self.failed[path] += 1
                 return True
             return False
 
@@ -204,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             start, status = max(size - int(last), 0), HTTPStatus.PARTIAL_CONTENT
 
-        if body and state.must_fail(self.path, range_header, end):
+        if body and state.must_fail(self.path, start, end):
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE)
             return
 

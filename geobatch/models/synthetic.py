@@ -1,9 +1,10 @@
-"""A backend of fixed, known cost per tile, for measuring the pipeline around the model.
+"""A backend of fixed, known cost per tile, for measuring and testing the pipeline around the model.
 
 It answers like ``spectral`` (so its outputs can be checked) and then keeps the CPU busy until
 ``seconds`` have passed since the tile arrived, so every tile costs the same model time however fast
-the index is. Benchmarks use it to isolate pipeline overhead; tests use it to make a run long enough to
-interrupt.
+the index is. Benchmarks use it to isolate pipeline overhead. For tests of failure handling it can
+also raise on chosen tiles (``fail_tiles``) and run out of memory on batches larger than ``max_batch``,
+with an error named like PyTorch's CUDA one.
 """
 
 from __future__ import annotations
@@ -15,18 +16,39 @@ from geobatch.models.base import Prompt, TileInput, TileResult
 from geobatch.models.spectral import Spectral
 
 
+class OutOfMemoryError(RuntimeError):
+    """Named like ``torch.cuda.OutOfMemoryError``, which is how workers recognise it."""
+
+
 class FixedCost(Spectral):
-    """``spectral``'s answers at ``seconds`` of busy CPU per tile."""
+    """``spectral``'s answers at ``seconds`` of busy CPU per tile, in batches of ``batch_size``."""
 
     name = "fixed-cost"
 
-    def __init__(self, seconds: float = 0.1, thresholds: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        seconds: float = 0.1,
+        batch_size: int = 1,
+        fail_tiles: Sequence[str] = (),
+        max_batch: int | None = None,
+        thresholds: dict[str, float] | None = None,
+    ) -> None:
         super().__init__(thresholds)
         self.seconds = float(seconds)
+        self.batch_size = int(batch_size)
+        self.fail_tiles = frozenset(fail_tiles)
+        self.max_batch = max_batch
 
     def __call__(self, tile: TileInput, prompts: Sequence[Prompt]) -> TileResult:
         deadline = time.perf_counter() + self.seconds
+        if tile.tile.tile_id in self.fail_tiles:
+            raise RuntimeError(f"injected model failure on tile {tile.tile.tile_id}")
         result = super().__call__(tile, prompts)
         while time.perf_counter() < deadline:  # busy, like a model's compute, not asleep
             pass
         return result
+
+    def predict_batch(self, tiles: Sequence[TileInput], prompts: Sequence[Prompt]) -> list[TileResult]:
+        if self.max_batch is not None and len(tiles) > self.max_batch:
+            raise OutOfMemoryError(f"out of memory: a batch of {len(tiles)} tiles, at most {self.max_batch} fit")
+        return [self(tile, prompts) for tile in tiles]
