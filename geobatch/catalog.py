@@ -11,6 +11,7 @@ Each file is written beside its final name and moved into place, so readers neve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pyarrow.parquet as pq
 import shapely
 
 OBJECT_COLUMNS = (
@@ -39,17 +41,46 @@ def write_table(output: str | Path, table: str, frame: gpd.GeoDataFrame) -> Path
     return write_geoparquet(frame, table_path(output, table))
 
 
-def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, sort: bool = True) -> Path:
+def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
     """Write ``frame`` to ``path`` as GeoParquet 1.1 in EPSG:4326 with a bbox covering, Hilbert-sorted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame = _finite(frame.to_crs(4326))
-    if sort:
-        frame = frame.iloc[_spatial_order(frame)]
+    frame = frame.iloc[_spatial_order(frame)]
     partial = path.with_name(path.name + ".partial")
     frame.to_parquet(partial, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=65536)
     os.replace(partial, path)
     return path
+
+
+def combine_parts(output: str | Path, table: str, parts: Sequence[Path]) -> Path:
+    """One catalog table from GeoParquet parts with the same columns, streamed one part at a time.
+
+    Each part keeps its own order (Hilbert-sorted per scene) and becomes row groups of the table; the
+    ``geo`` metadata is merged (bounding box, geometry types), so memory is one part, not the table.
+    """
+    path = table_path(output, table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schemas = [pq.read_schema(part) for part in parts]
+    geo = _merged_geo([json.loads(schema.metadata[b"geo"]) for schema in schemas])
+    schema = schemas[0].with_metadata({**schemas[0].metadata, b"geo": json.dumps(geo).encode()})
+    partial = path.with_name(path.name + ".partial")
+    with pq.ParquetWriter(partial, schema) as writer:
+        for part in parts:
+            writer.write_table(pq.read_table(part).cast(schema), row_group_size=65536)
+    os.replace(partial, path)
+    return path
+
+
+def _merged_geo(documents: list[dict]) -> dict:
+    merged = documents[0]
+    for name, column in merged["columns"].items():
+        described = [d["columns"][name] for d in documents]
+        boxes = [c["bbox"] for c in described if c.get("bbox")]
+        if boxes:
+            column["bbox"] = [*np.min(boxes, axis=0)[:2], *np.max(boxes, axis=0)[2:]]
+        column["geometry_types"] = sorted({t for c in described for t in c["geometry_types"]})
+    return merged
 
 
 def _finite(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:

@@ -25,6 +25,7 @@ from pathlib import Path
 import dask
 import geopandas as gpd
 import pandas as pd
+import pyarrow.parquet as pq
 import ray
 import shapely
 from rasterio.windows import bounds as window_bounds
@@ -148,10 +149,10 @@ def run_job(
 
     scene_outcomes = [finished[s.scene_id] for s in scenes]
     scene_outcomes += [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
-    objects = _object_table(ledger.objects_folder, [o for o in scene_outcomes if o.objects])
+    parts = [ledger.objects_folder / f"{o.scene_id}.parquet" for o in scene_outcomes if o.objects]
     failed_tiles = [o for s in scenes for o in ledger.tile_outcomes(s.scene_id).values() if o.status == "failed"]
     tables = {
-        "objects": catalog.write_table(spec.output, "objects", objects),
+        "objects": _object_table(spec.output, parts),
         "scenes": catalog.write_table(spec.output, "scenes", _scene_table(scenes, scene_outcomes, ledger.run_id)),
         "tiles": catalog.write_table(spec.output, "tiles", _tile_table(scenes, grid, ledger)),
     }
@@ -161,7 +162,7 @@ def run_job(
         output=spec.output,
         seconds=time.perf_counter() - started,
         scenes=tuple(scene_outcomes),
-        objects_per_label=dict(Counter(objects["label"])),
+        objects_per_label=_label_counts(tables["objects"]),
         failed_tiles=tuple(failed_tiles),
         tables=tables,
         tiles_inferred=report.tiles if report else 0,
@@ -235,7 +236,7 @@ def _finish_scene(
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
     objects = _catalogue_objects(vectorize(mosaic, scene), scene, spec, ledger.run_id, prompts)
-    catalog.write_geoparquet(objects, ledger.objects_folder / f"{scene.scene_id}.parquet", sort=False)
+    catalog.write_geoparquet(objects, ledger.objects_folder / f"{scene.scene_id}.parquet")
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
     final = str(mosaic_dir / f"{scene.scene_id}.zarr")
     outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, len(objects), final)
@@ -259,12 +260,17 @@ def _catalogue_objects(
     return objects[[*catalog.OBJECT_COLUMNS, "geometry"]]
 
 
-def _object_table(staged: Path, scenes: list[SceneOutcome]) -> gpd.GeoDataFrame:
-    """Every scene's staged objects in one table (an empty table with every column when there are none)."""
-    parts = [gpd.read_parquet(staged / f"{s.scene_id}.parquet") for s in scenes]
-    if not parts:
-        parts = [gpd.GeoDataFrame(columns=[*catalog.OBJECT_COLUMNS, "geometry"], geometry="geometry", crs=4326)]
-    return gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=4326)
+def _label_counts(objects: Path) -> dict[str, int]:
+    counts = pq.read_table(objects, columns=["label"]).column("label").value_counts()
+    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
+
+
+def _object_table(output: Path, parts: list[Path]) -> Path:
+    """The objects table from the scenes' staged parts (an empty table with every column if none)."""
+    if parts:
+        return catalog.combine_parts(output, "objects", parts)
+    empty = gpd.GeoDataFrame(columns=[*catalog.OBJECT_COLUMNS, "geometry"], geometry="geometry", crs=4326)
+    return catalog.write_table(output, "objects", empty)
 
 
 def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str) -> gpd.GeoDataFrame:
