@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 NAIP = sorted((HERE.parent.parent / "shared" / "data" / "naip").glob("*.tif"))
 
 
-def job_file(folder: Path, scenes: int, actors: int, seconds: float) -> Path:
+def job_file(folder: Path, scenes: int, actors: int | None, options: dict) -> Path:
     """A water job over ``scenes`` NAIP scenes (the 10 real ones, linked under new names as needed)."""
     data = folder / "scenes"
     data.mkdir(exist_ok=True)
@@ -40,7 +40,7 @@ def job_file(folder: Path, scenes: int, actors: int, seconds: float) -> Path:
         "scenes": [str(data / f"scene{i:03d}.tif") for i in range(scenes)],
         "bands": {"red": 1, "green": 2, "blue": 3, "nir": 4},
         "prompts": ["water bodies"],
-        "model": {"name": "fixed-cost", "options": {"seconds": seconds}},
+        "model": {"name": "fixed-cost", "options": options},
         "tiling": {"core": 256, "overlap": 32},
         "ray": {"num_actors": actors},
     }
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as folder:
         runs = {
-            (scenes, actors): measure(job_file(Path(folder), scenes, actors, args.seconds))
+            (scenes, actors): measure(job_file(Path(folder), scenes, actors, {"seconds": args.seconds}))
             for scenes, actors in ((args.scenes, 1), (args.scenes, 2), (4 * args.scenes, 2))
         }
     for (scenes, actors), run in runs.items():
