@@ -26,8 +26,6 @@ from geobatch.jobs import JobSpec
 
 log = logging.getLogger(__name__)
 
-FINAL_TILE_STATUSES = ("done", "skipped")
-
 _SCHEMA = """
 create table if not exists run (key text primary key, value text not null);
 create table if not exists tiles (
@@ -84,7 +82,14 @@ class Ledger:
             "insert into tiles (tile_id, scene_id, status, reason, labelled_pixels, worker) values (?, ?, ?, ?, ?, ?)"
             " on conflict(tile_id) do update set status = excluded.status, reason = excluded.reason,"
             " labelled_pixels = excluded.labelled_pixels, worker = excluded.worker, attempts = attempts + 1",
-            (*_fields(outcome), outcome.worker),
+            (
+                outcome.tile_id,
+                outcome.scene_id,
+                outcome.status,
+                outcome.reason,
+                outcome.labelled_pixels,
+                outcome.worker,
+            ),
         )
 
     def finished_tiles(self, scene_ids: Iterable[str]) -> set[str]:
@@ -109,7 +114,3 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
-
-
-def _fields(outcome: TileOutcome) -> tuple:
-    return outcome.tile_id, outcome.scene_id, outcome.status, outcome.reason, outcome.labelled_pixels

@@ -64,7 +64,9 @@ class SceneRef:
     """A scene found by discovery, not yet opened.
 
     ``bands`` are those the job or STAC metadata named; ``file``, when every band is in one file, is that
-    file, whose own metadata (colour interpretation, descriptions) may name the others.
+    file, whose own metadata (colour interpretation, descriptions) may name the others. ``acquired_at``
+    is the scene entry's or the STAC item's time; the file's time tag comes next, then ``default_time``
+    (the job's).
     """
 
     scene_id: str
@@ -72,6 +74,7 @@ class SceneRef:
     acquired_at: dt.datetime | None
     bands: Mapping[str, BandSource]
     file: str | None
+    default_time: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +180,8 @@ def open_scene(
             )
     grid = _output_grid(ref, [files[s.uri] for s in bands.values()], resolution)
     value_maps = {name: _value_map(files[source.uri], source, values, access) for name, source in bands.items()}
-    acquired_at = ref.acquired_at or next(filter(None, (f.acquired_at for f in files.values())), None)
+    tagged = next(filter(None, (f.acquired_at for f in files.values())), None)
+    acquired_at = ref.acquired_at or tagged or ref.default_time
     return Scene(ref.scene_id, ref.uri, acquired_at, grid, bands, value_maps)
 
 
@@ -300,9 +304,15 @@ def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[Sc
     if not uris:
         return [], [SceneFailure(_scene_id(entry.uri), entry.uri, "no file matches this pattern")]
     indexes = {**spec.bands, **entry.bands}
-    acquired_at = entry.acquired_at or spec.acquired_at
     refs = [
-        SceneRef(_scene_id(uri), uri, acquired_at, {b: BandSource(uri, i) for b, i in indexes.items()}, uri)
+        SceneRef(
+            _scene_id(uri),
+            uri,
+            entry.acquired_at,
+            {b: BandSource(uri, i) for b, i in indexes.items()},
+            uri,
+            spec.acquired_at,
+        )
         for uri in uris
     ]
     return refs, []

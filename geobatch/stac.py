@@ -51,8 +51,8 @@ def stac_refs(entry: SceneSpec, default_time: dt.datetime | None) -> tuple[list[
             continue
         files = {source.uri for source in bands.values()}
         single = files.pop() if len(files) == 1 else None
-        when = entry.acquired_at or _item_time(item) or default_time
-        refs.append(SceneRef(scene_id, single or f"{entry.uri}#{item.id}", when, bands, single))
+        when = entry.acquired_at or _item_time(item)
+        refs.append(SceneRef(scene_id, single or f"{entry.uri}#{item.id}", when, bands, single, default_time))
     return refs, failures
 
 

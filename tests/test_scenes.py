@@ -183,6 +183,15 @@ def test_8_bit_scenes_reach_display_models_unchanged_and_physical_models_scaled(
     assert scaled.apply(np.array([110])) == pytest.approx([1.0])
 
 
+def test_the_acquisition_time_comes_from_the_entry_then_the_file_tag_then_the_job(tmp_path):
+    tagged = SAMPLES / "all-nodata.tif"  # TIFFTAG_DATETIME 2022:01:17 10:43:43
+    scenes = [str(tagged), {"uri": str(SAMPLES / "cogeo.tif"), "acquired_at": "2020-05-01T10:00:00"}, str(NAIP_2010)]
+    spec = load_job(write_job(tmp_path / "job.yaml", scenes=scenes, bands={"red": 1}, acquired_at="2019-01-01"))
+    refs, _ = discover(spec)
+    times = [open_scene(ref, ("red",)).acquired_at.isoformat() for ref in refs]
+    assert times == ["2022-01-17T10:43:43+00:00", "2020-05-01T10:00:00+00:00", "2019-01-01T00:00:00+00:00"]
+
+
 def test_discover_expands_globs_and_records_what_matches_nothing(tmp_path, sample):
     a = sample("naip/m_4709963_se_14_1_20100629.tif")
     b = sample("naip/m_4709963_se_14_1_20150926.tif")
