@@ -39,6 +39,11 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         f"scenes: {len(summary.scenes)} ({scene_counts})   "
         + f"tiles: {summary.tiles['done']} done, {summary.tiles['skipped']} skipped, {summary.tiles['failed']} failed",
         f"objects: {per_label}   time: {summary.seconds:.1f} s",
+        *(
+            [f"resumed: {summary.tiles_inferred} tile(s) inferred now, the rest finished earlier"]
+            if summary.resumed
+            else []
+        ),
         f"mosaics: {summary.output / 'mosaics'}",
         *(f"{name}: {path}" for name, path in summary.tables.items()),
     ]

@@ -99,6 +99,12 @@ def catalogued(ray_session, tmp_path_factory):
     return folder / "out"
 
 
+def test_running_a_finished_job_again_says_it_resumed_and_infers_nothing(catalogued):
+    result = runner.invoke(app, ["run", str(catalogued.parent / "job.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "resumed: 0 tile(s) inferred now, the rest finished earlier" in result.stdout
+
+
 def test_run_prints_a_summary_with_counts_and_output_paths(catalogued):
     objects = gpd.read_parquet(catalogued / "catalog" / "objects.parquet")
     result = runner.invoke(app, ["query", str(catalogued), "--bbox", "-180,-90,180,90"])
