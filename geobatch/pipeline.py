@@ -39,7 +39,7 @@ from geobatch.jobs import JobSpec
 from geobatch.ledger import Ledger, job_fingerprint
 from geobatch.models.base import Prompt, load_model
 from geobatch.scenes import Scene, SceneFailure, discover, open_scene
-from geobatch.stitch import Mosaic, create_mosaic
+from geobatch.stitch import Mosaic, add_overviews, create_mosaic
 from geobatch.tiling import TileGrid, plan_tiles
 from geobatch.vectorize import vectorize
 
@@ -236,6 +236,7 @@ def _finish_scene(
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
     objects = _catalogue_objects(vectorize(mosaic, scene), scene, spec, ledger.run_id, prompts)
+    add_overviews(mosaic)
     catalog.write_geoparquet(objects, ledger.objects_folder / f"{scene.scene_id}.parquet")
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
     final = str(mosaic_dir / f"{scene.scene_id}.zarr")

@@ -10,6 +10,8 @@ Arrays, all on the scene grid (``y``, ``x``):
   where prompts overlap the earlier prompt in the job wins;
 - ``score`` (float32): the model's confidence for the pixel's label, NaN where nodata;
 - ``instance`` (uint32): the object id (see ``vectorize``), 0 where no object.
+
+Finished mosaics also hold coarser levels for viewers, ``overviews/2``, ``overviews/4``... (``add_overviews``).
 """
 
 from __future__ import annotations
@@ -112,3 +114,47 @@ def write_tile(mosaic: Mosaic, tile: Tile, result: TileResult, valid: np.ndarray
     group["score"][rows, cols] = score[core]
     core_label = label[core]
     return int(np.count_nonzero((core_label != LABEL_BACKGROUND) & (core_label != LABEL_NODATA)))
+
+
+def add_overviews(mosaic: Mosaic) -> list[int]:
+    """Write coarser copies of a finished mosaic for viewers, and return their factors (2, 4, 8...).
+
+    Level ``f`` is the group ``overviews/f``: a dataset like the mosaic (same arrays, CRS, chunking) on a
+    grid ``f`` times coarser. ``label`` and ``instance`` take the first pixel of each block (a class or an
+    id cannot be averaged), ``score`` the mean of the block's valid pixels. Each level is computed from
+    the one before, and levels stop once the whole scene fits in one chunk. Runs on the current Dask
+    scheduler.
+    """
+    factors = []
+    level = xr.open_zarr(mosaic.path, decode_coords="all", consolidated=False)
+    factor = 1
+    while max(level.sizes["y"], level.sizes["x"]) > mosaic.chunk:
+        factor *= 2
+        level = _coarser(level)
+        for name in _ARRAYS:
+            level[name].encoding = {"fill_value": _ARRAYS[name][1], "chunks": (mosaic.chunk, mosaic.chunk)}
+        level = level.chunk(mosaic.chunk)
+        level.to_zarr(mosaic.path, group=f"overviews/{factor}", mode="w", zarr_format=3, consolidated=False)
+        level = xr.open_zarr(mosaic.path, group=f"overviews/{factor}", decode_coords="all", consolidated=False)
+        factors.append(factor)
+    zarr.open_group(mosaic.path, mode="r+").attrs["overviews"] = {
+        "groups": [f"overviews/{f}" for f in factors],
+        "factors": factors,
+        "resampling": {"label": "nearest", "instance": "nearest", "score": "mean"},
+    }
+    return factors
+
+
+def _coarser(level: xr.Dataset) -> xr.Dataset:
+    """The dataset on a grid twice as coarse (a partial block at the right or bottom edge counts whole)."""
+    transform = level.rio.transform() @ level.rio.transform().scale(2)
+    coarse = level[["label", "instance"]].isel(y=slice(0, None, 2), x=slice(0, None, 2))
+    score = level["score"].coarsen(y=2, x=2, boundary="pad").mean()
+    coarse["score"] = score.assign_coords(y=coarse.y, x=coarse.x)
+    height, width = coarse.sizes["y"], coarse.sizes["x"]
+    coarse = coarse.assign_coords(
+        y=transform.f + transform.e * (np.arange(height) + 0.5), x=transform.c + transform.a * (np.arange(width) + 0.5)
+    )
+    for name in coarse.data_vars:
+        coarse[name].attrs = level[name].attrs
+    return coarse.rio.write_crs(level.rio.crs).rio.write_transform(transform)

@@ -1,6 +1,7 @@
 """End to end on a real NAIP scene: tiling must be invisible and every object must appear once."""
 
 import json
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -14,6 +15,8 @@ import pytest
 import rasterio
 import rioxarray  # noqa: F401
 import shapely
+import xarray as xr
+import zarr
 from conftest import NAIP_2010, SHARED_DATA, SPECS, open_mosaic, write_job
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
@@ -124,6 +127,27 @@ def test_a_target_resolution_georeferences_the_mosaic_and_the_objects(ray_sessio
     matched = gpd.sjoin(big, coarse, predicate="intersects")
     ratio = matched.groupby(level=0)["area_m2_right"].sum() / big["area_m2"]
     assert len(ratio) == len(big) and ratio.median() == pytest.approx(1, abs=0.05)
+
+
+def test_finished_mosaics_carry_overviews_down_to_one_chunk(run):
+    _, mosaic_path, core = run
+    base = open_mosaic(mosaic_path)
+    factors = zarr.open_group(mosaic_path, mode="r").attrs["overviews"]["factors"]
+    assert factors == [2**k for k in range(1, len(factors) + 1)]
+    previous = base
+    for factor in factors:
+        level = xr.open_zarr(mosaic_path, group=f"overviews/{factor}", decode_coords="all", consolidated=False)
+        assert level.rio.crs == base.rio.crs
+        assert level.rio.transform() == base.rio.transform() @ base.rio.transform().scale(factor)
+        assert np.array_equal(level["label"].values, base["label"].values[::factor, ::factor])
+        score = previous["score"].values
+        padded = np.pad(score, ((0, score.shape[0] % 2), (0, score.shape[1] % 2)), constant_values=np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-nodata blocks: mean of nothing is NaN
+            expected = np.nanmean(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2), axis=(1, 3))
+        assert np.allclose(level["score"].values, expected, equal_nan=True)
+        previous = level
+    assert max(previous.sizes.values()) <= core < max(base.sizes.values()) or not factors
 
 
 def test_mosaic_chunks_are_the_tile_cores(run):
