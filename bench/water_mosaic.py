@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -107,6 +108,7 @@ def run(scene: Path, core: int, overlap: int, output: Path) -> dict:
     }
     job_path = output.parent / f"{output.name}.yaml"
     job_path.write_text(yaml.safe_dump(job))
+    shutil.rmtree(output, ignore_errors=True)  # a run left there would be resumed, not redone
     geobatch = Path(sys.executable).parent / "geobatch"
     started = time.perf_counter()
     process = subprocess.Popen([str(geobatch), "run", str(job_path)], stdout=subprocess.PIPE, text=True)
