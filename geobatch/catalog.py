@@ -1,86 +1,354 @@
-"""The catalog: GeoParquet 1.1 tables of objects, scenes and tiles, and region queries over them.
+"""The catalog: GeoParquet 1.1 datasets of objects, scenes and tiles, and the queries analysts run on them.
 
-Layout under a job's output folder::
+Layout under a job's output folder (every file GeoParquet 1.1, EPSG:4326 WKB, ``bbox`` covering column,
+zstd, rows Hilbert-sorted into row groups of ``ROW_GROUP_ROWS``)::
 
-    catalog/objects.parquet   one row per object (OBJECT_COLUMNS), Hilbert-sorted, bbox covering column
-    catalog/scenes.parquet    one row per scene: status, reason, footprint
-    catalog/tiles.parquet     one row per tile: status, reason, core footprint
+    catalog/objects/<label>/<YYYY-MM>/<run_id>_<scene_id>.parquet   one file per scene, label and month
+    catalog/scenes/<run_id>.parquet                                  one row per scene of the run
+    catalog/tiles/<run_id>.parquet                                   one row per tile of the run
 
-Each file is written beside its final name and moved into place, so readers never see half a file.
+Partitions are plain folders (not ``label=...`` hive keys) and every file keeps all its columns, so any
+reader sees whole rows: ``read_parquet('catalog/objects/**/*.parquet')`` in DuckDB, a folder or a file
+in geopandas, a file in GDAL. Each run adds its own files (named by its ``run_id``); rerunning a run
+rewrites them. :func:`open` gives a :class:`Catalog` whose queries prune folders by label and month,
+then row groups by their ``bbox`` statistics, and refine the rest exactly.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import datetime as dt
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
+
+if TYPE_CHECKING:
+    import duckdb
 
 OBJECT_COLUMNS = (
     "object_id", "label", "phrase", "score", "area_m2", "pixels", "scene_id", "acquired_at", "run_id", "model",
 )  # fmt: skip
 TABLES = ("objects", "scenes", "tiles")
+ROW_GROUP_ROWS = 8192  # small enough that a region query reads few rows beyond its answer
+UNDATED = "undated"  # the month folder of objects from scenes without an acquisition time
 
 log = logging.getLogger(__name__)
 
 
-def table_path(output: str | Path, table: str) -> Path:
-    return Path(output) / "catalog" / f"{table}.parquet"
+def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, row_group_size: int | None = None) -> Path:
+    """Write ``frame`` to ``path`` as GeoParquet 1.1 (EPSG:4326, bbox covering, zstd), Hilbert-sorted.
 
-
-def write_table(output: str | Path, table: str, frame: gpd.GeoDataFrame) -> Path:
-    """Write one catalog table as GeoParquet 1.1 (EPSG:4326, bbox covering, spatially sorted)."""
-    if table not in TABLES:
-        raise ValueError(f"unknown catalog table '{table}'; choose from {list(TABLES)}")
-    return write_geoparquet(frame, table_path(output, table))
-
-
-def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
-    """Write ``frame`` to ``path`` as GeoParquet 1.1 in EPSG:4326 with a bbox covering, Hilbert-sorted."""
+    Written beside its final name and moved into place, so readers never see half a file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame = _finite(frame.to_crs(4326))
     frame = frame.iloc[_spatial_order(frame)]
     partial = path.with_name(path.name + ".partial")
-    frame.to_parquet(partial, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=65536)
+    frame.to_parquet(
+        partial,
+        index=False,
+        schema_version="1.1.0",
+        write_covering_bbox=True,
+        compression="zstd",
+        row_group_size=row_group_size or ROW_GROUP_ROWS,
+    )
     os.replace(partial, path)
     return path
 
 
-def combine_parts(output: str | Path, table: str, parts: Sequence[Path]) -> Path:
-    """One catalog table from GeoParquet parts with the same columns, streamed one part at a time.
+def write_scene_objects(output: str | Path, objects: gpd.GeoDataFrame, run_id: str, scene_id: str) -> list[Path]:
+    """Write one scene's objects of one run into the label / month folders, replacing that pair's files."""
+    root = Path(output) / "catalog" / "objects"
+    for stale in root.glob(f"*/*/{run_id}_{scene_id}.parquet"):
+        stale.unlink()
+    months = pd.to_datetime(objects["acquired_at"], utc=True).dt.strftime("%Y-%m").fillna(UNDATED)
+    return [
+        write_geoparquet(part, root / label / month / f"{run_id}_{scene_id}.parquet")
+        for (label, month), part in objects.groupby([objects["label"], months], sort=True)
+    ]
 
-    Each part keeps its own order (Hilbert-sorted per scene) and becomes row groups of the table; the
-    ``geo`` metadata is merged (bounding box, geometry types), so memory is one part, not the table.
+
+def write_run_table(output: str | Path, table: str, frame: gpd.GeoDataFrame, run_id: str) -> Path:
+    """Write the ``scenes`` or ``tiles`` table of one run."""
+    if table not in ("scenes", "tiles"):
+        raise ValueError(f"'{table}' is not a per-run table; choose from ['scenes', 'tiles']")
+    return write_geoparquet(frame, Path(output) / "catalog" / table / f"{run_id}.parquet")
+
+
+def open(path: str | Path) -> Catalog:  # shadows the builtin on purpose: the entry point, like rasterio.open
+    """The catalog under ``path``: a job's output folder or its ``catalog`` folder."""
+    path = Path(path)
+    root = path / "catalog" if (path / "catalog").is_dir() else path
+    if not (root / "objects").is_dir() and not (root / "scenes").is_dir():
+        raise FileNotFoundError(f"no catalog at {path}; run a job with this output first")
+    return Catalog(root)
+
+
+@dataclass
+class QueryStats:
+    """How much a query read: files and row groups considered, and read."""
+
+    files: int = 0
+    files_read: int = 0
+    row_groups: int = 0
+    row_groups_read: int = 0
+
+
+@dataclass
+class Catalog:
+    """Queries over one catalog folder. File metadata is cached, so repeated queries stay warm."""
+
+    root: Path
+    last_query: QueryStats = field(default_factory=QueryStats)
+    _metadata: dict[Path, pq.ParquetFile] = field(default_factory=dict, repr=False)
+
+    def files(self, table: str = "objects", label: str | None = None, since=None, until=None) -> list[Path]:
+        """The table's files, objects pruned by their label and month folders."""
+        if table != "objects":
+            return sorted((self.root / table).glob("*.parquet"))
+        first, last = _month(since), _month(until)
+        found = []
+        for folder in sorted((self.root / "objects").glob(f"{_glob_part(label)}/*")):
+            month = folder.name
+            if month != UNDATED and ((first and month < first) or (last and month > last)):
+                continue
+            if month == UNDATED and (first or last):
+                continue
+            found += sorted(folder.glob("*.parquet"))
+        return found
+
+    def query(
+        self,
+        bbox: Sequence[float] | None = None,
+        geometry: shapely.Geometry | None = None,
+        label: str | None = None,
+        since: str | dt.datetime | None = None,
+        until: str | dt.datetime | None = None,
+        min_score: float | None = None,
+        min_area_m2: float | None = None,
+        table: str = "objects",
+    ) -> gpd.GeoDataFrame:
+        """Rows of ``table`` that intersect ``bbox`` (lon/lat) and ``geometry`` and pass the filters.
+
+        ``since`` / ``until`` bound ``acquired_at`` (inclusive; a date means the whole day). Pruning: folders
+        by label and month, row groups by ``bbox`` statistics; then the rows are filtered and the
+        geometries tested exactly. ``last_query`` tells how much was read.
+        """
+        if table not in TABLES:
+            raise ValueError(f"unknown catalog table '{table}'; choose from {list(TABLES)}")
+        region = _region(bbox, geometry)
+        start, end = _instant(since), _instant(until, end_of_day=True)
+        files = self.files(table, label, start, end)
+        self.last_query = QueryStats(files=len(files))
+        parts = [self._read(path, region, label, start, end, min_score, min_area_m2) for path in files]
+        parts = [part for part in parts if part is not None and len(part)]
+        if not parts:
+            return self._empty(files)
+        found = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=4326)
+        if "acquired_at" in found:  # parts without any date concatenate to objects
+            found["acquired_at"] = pd.to_datetime(found["acquired_at"], utc=True)
+        if region is not None:
+            found = found[found.intersects(region)]
+        return found.reset_index(drop=True)
+
+    def _read(self, path, region, label, start, end, min_score, min_area_m2) -> gpd.GeoDataFrame | None:
+        parquet = self._file(path)
+        groups = range(parquet.metadata.num_row_groups)
+        if region is not None:
+            groups = [g for g in groups if _overlaps(parquet, g, region.bounds)]
+        self.last_query.row_groups += parquet.metadata.num_row_groups
+        self.last_query.row_groups_read += len(groups)
+        if not groups:
+            return None
+        self.last_query.files_read += 1
+        rows = parquet.read_row_groups(groups)
+        keep = _row_filter(rows, region, label, start, end, min_score, min_area_m2)
+        if keep is not None:
+            rows = rows.filter(keep)
+        frame = rows.drop_columns([c for c in ("bbox",) if c in rows.column_names]).to_pandas()
+        frame["geometry"] = shapely.from_wkb(frame["geometry"])
+        return frame
+
+    def _file(self, path: Path) -> pq.ParquetFile:
+        if path not in self._metadata:
+            self._metadata[path] = pq.ParquetFile(path)
+        return self._metadata[path]
+
+    def _empty(self, files: list[Path]) -> gpd.GeoDataFrame:
+        schema = self._file(files[0]).schema_arrow if files else None
+        columns = [c for c in (schema.names if schema else [*OBJECT_COLUMNS, "geometry"]) if c != "bbox"]
+        return gpd.GeoDataFrame(columns=columns, geometry="geometry", crs=4326)
+
+    def stats(self, regions: gpd.GeoDataFrame, by: Sequence[str] = ("label",)) -> gpd.GeoDataFrame:
+        """Object count and area per region polygon (and per ``by``: ``label``, ``month``, ``scene_id``...).
+
+        An object counts in the regions that contain its representative point, so it is never counted
+        twice when regions tile the land (admin boundaries).
+        """
+        regions = regions.to_crs(4326).reset_index(drop=True)
+        found = self.query(bbox=regions.total_bounds)
+        found["month"] = pd.to_datetime(found["acquired_at"], utc=True).dt.strftime("%Y-%m").fillna(UNDATED)
+        points = gpd.GeoDataFrame(found.drop(columns="geometry"), geometry=found.representative_point(), crs=4326)
+        joined = gpd.sjoin(points, regions[["geometry"]], predicate="within").rename(columns={"index_right": "region"})
+        keys = ["region", *by]
+        table = joined.groupby(keys).agg(count=("object_id", "size"), area_m2=("area_m2", "sum")).reset_index()
+        attributes = regions.drop(columns="geometry")
+        table = table.merge(attributes, left_on="region", right_index=True, how="left")
+        return gpd.GeoDataFrame(table, geometry=regions.geometry.loc[table["region"]].to_numpy(), crs=4326)
+
+    def compact(self, rows_per_file: int = 1_000_000) -> list[Path]:
+        """Rewrite each month folder's small object files (every run's) as files of up to ``rows_per_file``.
+
+        Rows keep their ``run_id``; the new files are named ``compact_<n>`` and replace the old ones.
+        """
+        written = []
+        for folder in sorted((self.root / "objects").glob("*/*")):
+            small = sorted(folder.glob("*.parquet"))
+            if len(small) < 2:
+                continue
+            merged = gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in small], ignore_index=True), crs=4326)
+            merged = merged.iloc[_spatial_order(merged)]
+            targets = [
+                write_geoparquet(merged.iloc[i : i + rows_per_file], folder / f"compact_{i // rows_per_file}.tmp")
+                for i in range(0, len(merged), rows_per_file)
+            ]
+            for path in small:
+                path.unlink()
+                self._metadata.pop(path, None)
+            for target in targets:
+                final = target.with_suffix(".parquet")
+                target.rename(final)
+                written.append(final)
+        return written
+
+
+@contextlib.contextmanager
+def duckdb_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """DuckDB with the catalog's tables as views (``objects``, ``scenes``, ``tiles``), in memory.
+
+    The spatial extension is loaded from its pip package (``duckdb-extension-spatial``) when installed,
+    never downloaded; without it the ``bbox`` columns still answer region filters.
     """
-    path = table_path(output, table)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    schemas = [pq.read_schema(part) for part in parts]
-    geo = _merged_geo([json.loads(schema.metadata[b"geo"]) for schema in schemas])
-    schema = schemas[0].with_metadata({**schemas[0].metadata, b"geo": json.dumps(geo).encode()})
-    partial = path.with_name(path.name + ".partial")
-    with pq.ParquetWriter(partial, schema) as writer:
-        for part in parts:
-            writer.write_table(pq.read_table(part).cast(schema), row_group_size=65536)
-    os.replace(partial, path)
-    return path
+    import duckdb
+
+    connection = duckdb.connect()
+    try:
+        _load_spatial(connection)
+        patterns = {"objects": root / "objects" / "*" / "*" / "*.parquet"}
+        patterns |= {table: root / table / "*.parquet" for table in ("scenes", "tiles")}
+        for table, pattern in patterns.items():
+            if any(root.glob(str(pattern.relative_to(root)))):
+                source = str(pattern).replace("'", "''")
+                connection.execute(
+                    f"create view {table} as select * from read_parquet('{source}', union_by_name = true)"
+                )
+        yield connection
+    finally:
+        connection.close()
 
 
-def _merged_geo(documents: list[dict]) -> dict:
-    merged = documents[0]
-    for name, column in merged["columns"].items():
-        described = [d["columns"][name] for d in documents]
-        boxes = [c["bbox"] for c in described if c.get("bbox")]
-        if boxes:
-            column["bbox"] = [*np.min(boxes, axis=0)[:2], *np.max(boxes, axis=0)[2:]]
-        column["geometry_types"] = sorted({t for c in described for t in c["geometry_types"]})
-    return merged
+def _load_spatial(connection) -> bool:
+    try:
+        import duckdb_extension_spatial
+    except ImportError:
+        return False
+    extensions = list(Path(duckdb_extension_spatial.__file__).parent.rglob("spatial.duckdb_extension"))
+    if extensions:
+        connection.execute(f"load '{extensions[0]}'")
+    return bool(extensions)
+
+
+def _region(bbox: Sequence[float] | None, geometry: shapely.Geometry | None) -> shapely.Geometry | None:
+    shapes = [shapely.box(*bbox)] if bbox is not None else []
+    shapes += [geometry] if geometry is not None else []
+    if not shapes:
+        return None
+    return shapes[0] if len(shapes) == 1 else shapely.intersection(*shapes)
+
+
+def _overlaps(parquet: pq.ParquetFile, group: int, bounds: tuple[float, float, float, float]) -> bool:
+    """Whether a row group's ``bbox`` statistics can overlap ``bounds`` (no statistics: assume so)."""
+    stats = _bbox_stats(parquet, group)
+    if stats is None:
+        return True
+    xmin, ymin, xmax, ymax = bounds
+    return not (
+        stats["xmin"][0] > xmax or stats["xmax"][1] < xmin or stats["ymin"][0] > ymax or stats["ymax"][1] < ymin
+    )
+
+
+def _bbox_stats(parquet: pq.ParquetFile, group: int) -> dict[str, tuple[float, float]] | None:
+    metadata = parquet.metadata.row_group(group)
+    found = {}
+    for index in range(metadata.num_columns):
+        column = metadata.column(index)
+        name = column.path_in_schema
+        if name.startswith("bbox.") and column.statistics is not None and column.statistics.has_min_max:
+            found[name.removeprefix("bbox.")] = (column.statistics.min, column.statistics.max)
+    return found if len(found) == 4 else None
+
+
+def _row_filter(rows: pa.Table, region, label, start, end, min_score, min_area_m2) -> pa.ChunkedArray | None:
+    """The rows worth decoding: bbox overlap and the attribute filters, evaluated on Arrow columns."""
+    conditions = []
+    if region is not None and "bbox" in rows.column_names:
+        xmin, ymin, xmax, ymax = region.bounds
+        box = rows["bbox"]
+        conditions += [
+            pc.less_equal(pc.struct_field(box, "xmin"), xmax),
+            pc.greater_equal(pc.struct_field(box, "xmax"), xmin),
+            pc.less_equal(pc.struct_field(box, "ymin"), ymax),
+            pc.greater_equal(pc.struct_field(box, "ymax"), ymin),
+        ]
+    if label is not None and "label" in rows.column_names:
+        conditions.append(pc.equal(rows["label"], label))
+    if start is not None and "acquired_at" in rows.column_names:
+        conditions.append(pc.greater_equal(rows["acquired_at"], pa.scalar(start, rows["acquired_at"].type)))
+    if end is not None and "acquired_at" in rows.column_names:
+        conditions.append(pc.less_equal(rows["acquired_at"], pa.scalar(end, rows["acquired_at"].type)))
+    if min_score is not None:
+        conditions.append(pc.greater_equal(rows["score"], min_score))
+    if min_area_m2 is not None:
+        conditions.append(pc.greater_equal(rows["area_m2"], min_area_m2))
+    if not conditions:
+        return None
+    keep = conditions[0]
+    for condition in conditions[1:]:
+        keep = pc.and_kleene(keep, condition)
+    return pc.fill_null(keep, False)
+
+
+def _instant(value: str | dt.datetime | None, end_of_day: bool = False) -> dt.datetime | None:
+    """A query bound as a UTC time; a bare date means its first (or, for ``until``, last) instant."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parsed = dt.datetime.fromisoformat(value)
+        if end_of_day and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            parsed += dt.timedelta(days=1, microseconds=-1)
+        value = parsed
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _month(value: dt.datetime | None) -> str | None:
+    return f"{value:%Y-%m}" if value else None
+
+
+def _glob_part(label: str | None) -> str:
+    return "*" if label is None else re.sub(r"([*?\[])", r"[\1]", label)
 
 
 def _finite(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
@@ -102,17 +370,9 @@ def _spatial_order(frame: gpd.GeoDataFrame) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def query(
-    output: str | Path, bbox: Sequence[float], label: str | None = None, table: str = "objects"
-) -> gpd.GeoDataFrame:
-    """Rows of a catalog table whose geometry intersects ``bbox`` (minx, miny, maxx, maxy in EPSG:4326).
-
-    The bbox covering column lets the Parquet reader skip row groups outside the region; the exact
-    geometry test follows on what is left.
-    """
-    path = table_path(output, table)
-    if not path.exists():
-        raise FileNotFoundError(f"no catalog table at {path}; run a job with this output first")
-    filters = [("label", "==", label)] if label is not None else None
-    frame = gpd.read_parquet(path, bbox=tuple(bbox), filters=filters)
-    return frame[frame.intersects(shapely.box(*bbox))].reset_index(drop=True)
+def read_table(output: str | Path, table: str) -> gpd.GeoDataFrame:
+    """A whole catalog table (every run), for small tables and tests."""
+    files = open(output).files(table)
+    if not files:
+        raise FileNotFoundError(f"no '{table}' files in the catalog at {output}")
+    return gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in files], ignore_index=True), crs=4326)

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
+import geopandas as gpd
+import pandas as pd
+import shapely
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -48,7 +51,13 @@ app = typer.Typer(
 class OutputFormat(str, enum.Enum):
     table = "table"
     geojson = "geojson"
+    gpkg = "gpkg"
+    fgb = "fgb"
     parquet = "parquet"
+    csv = "csv"
+
+
+_FILE_FORMATS = {OutputFormat.gpkg: "GPKG", OutputFormat.fgb: "FlatGeobuf"}
 
 
 def _fail(message: str, code: int = EXIT_BAD_JOB) -> typer.Exit:
@@ -116,7 +125,9 @@ def _tile_progress(console: Console) -> Iterator[tuple[Callable, Callable]]:
         yield on_tile, total_tiles
 
 
-def _parse_bbox(text: str) -> tuple[float, float, float, float]:
+def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -126,44 +137,143 @@ def _parse_bbox(text: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
-@app.command()
-def query(
-    output: Annotated[Path, typer.Argument(help="A job's output folder.")],
-    bbox: Annotated[str, typer.Option(help="minx,miny,maxx,maxy in EPSG:4326 (lon/lat).")],
-    label: Annotated[str | None, typer.Option(help="Only objects with this label.")] = None,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
-    to: Annotated[Path | None, typer.Option(help="Write to this file (required for parquet).")] = None,
-) -> None:
-    """Objects of a job's catalog that intersect a region."""
-    region = _parse_bbox(bbox)
-    if fmt is OutputFormat.parquet and to is None:
-        raise _fail("--format parquet needs --to FILE")
+def _open_catalog(path: Path) -> catalog.Catalog:
     try:
-        found = catalog.query(output, region, label)
+        return catalog.open(path)
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from None
-    if fmt is OutputFormat.parquet:
+
+
+@app.command()
+def query(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (or its catalog folder).")],
+    bbox: Annotated[str | None, typer.Option(help="minx,miny,maxx,maxy in EPSG:4326 (lon/lat).")] = None,
+    within: Annotated[Path | None, typer.Option(help="A vector file: only objects meeting its shapes.")] = None,
+    label: Annotated[str | None, typer.Option(help="Only objects with this label.")] = None,
+    since: Annotated[str | None, typer.Option(help="Acquired at or after (ISO date or time).")] = None,
+    until: Annotated[str | None, typer.Option(help="Acquired at or before (ISO date or time).")] = None,
+    min_score: Annotated[float | None, typer.Option(help="Only objects scoring at least this.")] = None,
+    min_area_m2: Annotated[float | None, typer.Option(help="Only objects at least this large (m²).")] = None,
+    table: Annotated[str, typer.Option(help="objects, scenes or tiles.")] = "objects",
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
+    to: Annotated[Path | None, typer.Option(help="Write to this file (required for gpkg, fgb, parquet).")] = None,
+) -> None:
+    """Objects (or scenes, tiles) of a catalog that meet a region and filters."""
+    region = _parse_bbox(bbox)
+    if fmt in (*_FILE_FORMATS, OutputFormat.parquet) and to is None:
+        raise _fail(f"--format {fmt.value} needs --to FILE")
+    shapes = shapely.union_all(gpd.read_file(within).to_crs(4326).geometry.to_numpy()) if within else None
+    found = _open_catalog(output).query(
+        bbox=region,
+        geometry=shapes,
+        label=label,
+        since=since,
+        until=until,
+        min_score=min_score,
+        min_area_m2=min_area_m2,
+        table=table,
+    )
+    _export(found, fmt, to)
+
+
+def _export(found: gpd.GeoDataFrame, fmt: OutputFormat, to: Path | None) -> None:
+    if fmt is OutputFormat.table:
+        _print_objects(found)
+    elif fmt is OutputFormat.parquet:
         catalog.write_geoparquet(found, to)
-    elif fmt is OutputFormat.geojson:
-        text = found.to_json(drop_id=True)
+    elif fmt in _FILE_FORMATS:
+        found.to_file(to, driver=_FILE_FORMATS[fmt], engine="pyogrio")
+    else:
+        text = found.to_json(drop_id=True, default=str) if fmt is OutputFormat.geojson else _csv(found)
         if to:
             to.write_text(text)
         else:
-            print(text)
-    else:
-        _print_objects(found)
+            sys.stdout.write(text)
+
+
+def _csv(found: gpd.GeoDataFrame) -> str:
+    return pd.DataFrame(found.drop(columns="geometry")).assign(wkt=found.geometry.to_wkt()).to_csv(index=False)
 
 
 def _print_objects(found) -> None:
-    table = Table(title=f"{len(found)} object(s)", title_justify="left")
-    columns = ("object_id", "label", "score", "area_m2", "scene_id", "acquired_at")
+    table = Table(title=f"{len(found)} row(s)", title_justify="left")
+    columns = [c for c in ("object_id", "label", "score", "area_m2", "scene_id", "status", "acquired_at") if c in found]
     for column in columns:
         table.add_column(column)
-    for row in found[list(columns)].itertuples(index=False):
-        table.add_row(
-            row.object_id, row.label, f"{row.score:.3f}", f"{row.area_m2:,.0f}", row.scene_id, str(row.acquired_at)
-        )
+    for row in found[columns].itertuples(index=False):
+        table.add_row(*(_cell(value) for value in row))
     Console(width=200).print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+@app.command()
+def stats(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (or its catalog folder).")],
+    regions: Annotated[Path, typer.Option(help="Region polygons (any vector file), e.g. admin boundaries.")],
+    by: Annotated[str, typer.Option(help="Group by these, comma-separated: label, month, scene_id, model.")] = "label",
+    to: Annotated[Path | None, typer.Option(help="Also write the table as GeoParquet (with region shapes).")] = None,
+) -> None:
+    """Object count and area per region polygon (and per label, month...)."""
+    keys = [key.strip() for key in by.split(",") if key.strip()]
+    unknown = sorted(set(keys) - {"label", "month", "scene_id", "model", "run_id"})
+    if unknown:
+        raise _fail(f"--by: cannot group by {unknown}; choose from label, month, scene_id, model, run_id")
+    table = _open_catalog(output).stats(gpd.read_file(regions), keys)
+    if to:
+        catalog.write_geoparquet(table, to)
+    printed = Table(title=f"{len(table)} row(s)", title_justify="left")
+    columns = [c for c in table.columns if c != "geometry"]
+    for column in columns:
+        printed.add_column(column)
+    for row in table[columns].itertuples(index=False):
+        printed.add_row(*(_cell(value) for value in row))
+    Console(width=200).print(printed)
+
+
+@app.command()
+def sql(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (or its catalog folder).")],
+    statement: Annotated[str, typer.Argument(help="SQL over the views objects, scenes, tiles.")],
+    fmt: Annotated[str, typer.Option("--format", help="table or csv.")] = "table",
+) -> None:
+    """Run DuckDB SQL on the catalog (views: objects, scenes, tiles; spatial functions when available)."""
+    import duckdb
+
+    root = _open_catalog(output).root
+    try:
+        with catalog.duckdb_connection(root) as connection:
+            result = connection.sql(statement)
+            frame = result.df() if result is not None else pd.DataFrame()
+    except duckdb.Error as exc:
+        raise _fail(f"sql: {' '.join(str(exc).split())}") from None
+    if fmt == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+        return
+    printed = Table(title=f"{len(frame)} row(s)", title_justify="left")
+    for column in frame.columns:
+        printed.add_column(str(column))
+    for row in frame.itertuples(index=False):
+        printed.add_row(*(_cell(value) for value in row))
+    Console(width=200).print(printed)
+
+
+catalog_app = typer.Typer(help="Maintain a catalog.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("compact")
+def compact(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (or its catalog folder).")],
+    rows_per_file: Annotated[int, typer.Option(help="Rows per rewritten file.")] = 1_000_000,
+) -> None:
+    """Rewrite the small object files of each label and month into few large ones."""
+    written = _open_catalog(output).compact(rows_per_file)
+    print(f"compacted into {len(written)} file(s)")
 
 
 @app.command()

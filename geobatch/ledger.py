@@ -2,7 +2,7 @@
 
 One SQLite file per output folder (``run/ledger.sqlite``) records the run's id, a fingerprint of the job
 parts that decide the outputs, every tile's outcome as soon as it arrives, and every scene once it is
-vectorised (its objects staged in ``run/objects/<scene>.parquet``). Tile pixels themselves are already
+vectorised (its objects written to the catalog under the run's id). Tile pixels themselves are already
 durable: each tile writes its chunk of the scene's ``.zarr.partial`` mosaic before its outcome returns.
 
 A rerun of the same job in the same folder continues the same run: finished (``done``/``skipped``) tiles
@@ -66,16 +66,11 @@ class Ledger:
         if recorded:
             log.warning("the job changed since run %s in %s; starting a new run", recorded["run_id"], output)
             db.executescript("delete from run; delete from tiles; delete from scenes;")
-            shutil.rmtree(folder / "objects", ignore_errors=True)
             for partial in (output / "mosaics").glob("*.zarr.partial"):
                 shutil.rmtree(partial)
         run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         db.executemany("insert into run values (?, ?)", [("run_id", run_id), ("fingerprint", fingerprint)])
         return cls(folder, db, run_id, resumed=False)
-
-    @property
-    def objects_folder(self) -> Path:
-        return self.folder / "objects"
 
     def record_tile(self, outcome: TileOutcome) -> None:
         self._db.execute(

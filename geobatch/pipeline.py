@@ -149,12 +149,13 @@ def run_job(
 
     scene_outcomes = [finished[s.scene_id] for s in scenes]
     scene_outcomes += [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
-    parts = [ledger.objects_folder / f"{o.scene_id}.parquet" for o in scene_outcomes if o.objects]
     failed_tiles = [o for s in scenes for o in ledger.tile_outcomes(s.scene_id).values() if o.status == "failed"]
     tables = {
-        "objects": _object_table(spec.output, parts),
-        "scenes": catalog.write_table(spec.output, "scenes", _scene_table(scenes, scene_outcomes, ledger.run_id)),
-        "tiles": catalog.write_table(spec.output, "tiles", _tile_table(scenes, grid, ledger)),
+        "objects": spec.output / "catalog" / "objects",
+        "scenes": catalog.write_run_table(
+            spec.output, "scenes", _scene_table(scenes, scene_outcomes, ledger.run_id), ledger.run_id
+        ),
+        "tiles": catalog.write_run_table(spec.output, "tiles", _tile_table(scenes, grid, ledger), ledger.run_id),
     }
     summary = RunSummary(
         run_id=ledger.run_id,
@@ -162,7 +163,7 @@ def run_job(
         output=spec.output,
         seconds=time.perf_counter() - started,
         scenes=tuple(scene_outcomes),
-        objects_per_label=_label_counts(tables["objects"]),
+        objects_per_label=_label_counts(spec.output, ledger.run_id),
         failed_tiles=tuple(failed_tiles),
         tables=tables,
         tiles_inferred=report.tiles if report else 0,
@@ -192,7 +193,7 @@ def _finished(ledger: Ledger, scene: Scene, mosaic_dir: Path) -> SceneOutcome | 
     if recorded is None or recorded["status"] not in ("done", "skipped"):
         return None  # never finished, or has failed tiles to try again
     outcome = SceneOutcome(**recorded)
-    if outcome.objects and not (ledger.objects_folder / f"{scene.scene_id}.parquet").exists():
+    if outcome.objects and not _object_files(ledger.folder.parent, ledger.run_id, scene.scene_id):
         return None
     _publish(mosaic_dir, scene.scene_id)  # in case the run stopped between recording and moving
     return outcome
@@ -218,7 +219,8 @@ def _finish_scene(
 ) -> SceneOutcome:
     """Vectorise a scene whose tiles are all processed, stage its objects, and move its mosaic into place.
 
-    The ledger records the scene before the mosaic moves, so a run killed in between finishes the move.
+    The objects go into the catalog and the ledger records the scene before the mosaic moves, so a run
+    killed in between finishes the move.
     """
     outcomes = ledger.tile_outcomes(scene.scene_id)
     statuses = Counter(o.status for o in outcomes.values())
@@ -237,7 +239,7 @@ def _finish_scene(
         return outcome
     objects = _catalogue_objects(vectorize(mosaic, scene), scene, spec, ledger.run_id, prompts)
     add_overviews(mosaic)
-    catalog.write_geoparquet(objects, ledger.objects_folder / f"{scene.scene_id}.parquet")
+    catalog.write_scene_objects(spec.output, objects, ledger.run_id, scene.scene_id)
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
     final = str(mosaic_dir / f"{scene.scene_id}.zarr")
     outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, len(objects), final)
@@ -261,17 +263,16 @@ def _catalogue_objects(
     return objects[[*catalog.OBJECT_COLUMNS, "geometry"]]
 
 
-def _label_counts(objects: Path) -> dict[str, int]:
-    counts = pq.read_table(objects, columns=["label"]).column("label").value_counts()
-    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
+def _object_files(output: Path, run_id: str, scene_id: str = "*") -> list[Path]:
+    return sorted((output / "catalog" / "objects").glob(f"*/*/{run_id}_{scene_id}.parquet"))
 
 
-def _object_table(output: Path, parts: list[Path]) -> Path:
-    """The objects table from the scenes' staged parts (an empty table with every column if none)."""
-    if parts:
-        return catalog.combine_parts(output, "objects", parts)
-    empty = gpd.GeoDataFrame(columns=[*catalog.OBJECT_COLUMNS, "geometry"], geometry="geometry", crs=4326)
-    return catalog.write_table(output, "objects", empty)
+def _label_counts(output: Path, run_id: str) -> dict[str, int]:
+    """Objects per label in the run's files (from the files' metadata: no rows are read)."""
+    counts: Counter[str] = Counter()
+    for path in _object_files(output, run_id):
+        counts[path.parent.parent.name] += pq.ParquetFile(path).metadata.num_rows
+    return dict(counts)
 
 
 def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str) -> gpd.GeoDataFrame:

@@ -11,6 +11,7 @@ import ray
 from conftest import NAIP_2010, REPO, SHARED_DATA, write_job
 from typer.testing import CliRunner
 
+from geobatch import catalog
 from geobatch.cli import EXIT_BAD_JOB, EXIT_FAILURES, app
 
 runner = CliRunner()
@@ -62,12 +63,12 @@ def test_missing_scene_fails_alone_the_rest_completes_and_the_exit_status_says_s
     assert str(missing) in line and "file not found" in line
     mosaics = tmp_path / "out" / "mosaics"
     assert sorted(p.name for p in mosaics.iterdir()) == [f"{NAIP_2010.stem}.zarr"]
-    scenes = gpd.read_parquet(tmp_path / "out" / "catalog" / "scenes.parquet").set_index("scene_id")
+    scenes = catalog.read_table(tmp_path / "out", "scenes").set_index("scene_id")
     assert scenes.loc["m_missing", "status"] == "failed"
     assert "file not found" in scenes.loc["m_missing", "reason"]
     assert scenes.loc["m_missing", "geometry"] is None
     assert scenes.loc[NAIP_2010.stem, "status"] == "done"
-    objects = gpd.read_parquet(tmp_path / "out" / "catalog" / "objects.parquet")
+    objects = catalog.read_table(tmp_path / "out", "objects")
     assert len(objects) > 0 and set(objects["scene_id"]) == {NAIP_2010.stem}
 
 
@@ -106,14 +107,14 @@ def test_running_a_finished_job_again_says_it_resumed_and_infers_nothing(catalog
 
 
 def test_run_prints_a_summary_with_counts_and_output_paths(catalogued):
-    objects = gpd.read_parquet(catalogued / "catalog" / "objects.parquet")
+    objects = catalog.read_table(catalogued, "objects")
     result = runner.invoke(app, ["query", str(catalogued), "--bbox", "-180,-90,180,90"])
     assert result.exit_code == 0
-    assert f"{len(objects)} object(s)" in result.stdout
+    assert f"{len(objects)} row(s)" in result.stdout
 
 
 def test_query_formats_agree(catalogued, tmp_path):
-    objects = gpd.read_parquet(catalogued / "catalog" / "objects.parquet")
+    objects = catalog.read_table(catalogued, "objects")
     minx, miny, maxx, maxy = objects.total_bounds
     bbox = f"{minx},{miny},{(minx + maxx) / 2},{(miny + maxy) / 2}"
     geojson = runner.invoke(app, ["query", str(catalogued), "--bbox", bbox, "--label", "water", "--format", "geojson"])
@@ -147,7 +148,7 @@ def test_bad_query_arguments_exit_2(catalogued, arguments, message):
 def test_query_on_a_folder_without_catalog_says_so(tmp_path):
     result = runner.invoke(app, ["query", str(tmp_path), "--bbox", "0,0,1,1"])
     assert result.exit_code == 2
-    assert "no catalog table" in error_lines(result)[0]
+    assert f"no catalog at {tmp_path}" in error_lines(result)[0]
 
 
 def test_example_job_runs_from_the_console_script_on_a_ray_cluster_address(ray_session, tmp_path):
@@ -164,8 +165,8 @@ def test_example_job_runs_from_the_console_script_on_a_ray_cluster_address(ray_s
     assert done.returncode == 0, done.stderr
     assert "scenes: 3 (3 done, 0 skipped, 0 partial, 0 failed)" in done.stdout
     assert "tiles: 36 done, 0 skipped, 0 failed" in done.stdout
-    assert str(tmp_path / "catalog" / "objects.parquet") in done.stdout
-    scenes = gpd.read_parquet(tmp_path / "catalog" / "scenes.parquet")
+    assert str(tmp_path / "catalog" / "objects") in done.stdout
+    scenes = catalog.read_table(tmp_path, "scenes")
     assert sorted(scenes["acquired_at"].dt.year) == [2010, 2015, 2020]
 
 
@@ -174,7 +175,7 @@ def test_a_job_whose_every_scene_fails_still_writes_its_catalog_and_exits_3(tmp_
     result = runner.invoke(app, ["run", str(job)])
     assert result.exit_code == EXIT_FAILURES, result.output
     assert len(error_lines(result)) == 2
-    scenes = gpd.read_parquet(tmp_path / "out" / "catalog" / "scenes.parquet")
+    scenes = catalog.read_table(tmp_path / "out", "scenes")
     assert sorted(scenes["reason"]) == ["file not found", "no file matches this pattern"]
-    objects = gpd.read_parquet(tmp_path / "out" / "catalog" / "objects.parquet")
+    objects = catalog.open(tmp_path / "out").query()
     assert len(objects) == 0 and {"object_id", "label", "area_m2", "geometry"} <= set(objects.columns)

@@ -22,7 +22,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 from scipy import ndimage
 
-from geobatch.catalog import query
+from geobatch import catalog
 from geobatch.jobs import load_job
 from geobatch.models.spectral import normalised_difference
 from geobatch.pipeline import run_job
@@ -172,13 +172,15 @@ def geoparquet_validator() -> jsonschema.protocols.Validator:
 def test_catalog_is_valid_geoparquet_1_1(run):
     summary, _, _ = run
     validator = geoparquet_validator()
-    for table in ("objects", "scenes", "tiles"):
-        geo = json.loads(pq.read_schema(summary.tables[table]).metadata[b"geo"])
+    files = [*Path(summary.tables["objects"]).rglob("*.parquet"), summary.tables["scenes"], summary.tables["tiles"]]
+    for path in files:
+        geo = json.loads(pq.read_schema(path).metadata[b"geo"])
         validator.validate(geo)
         assert pyproj.CRS.from_json_dict(geo["columns"]["geometry"]["crs"]) == pyproj.CRS.from_epsg(4326)
         assert geo["version"] == "1.1.0"
         assert geo["columns"]["geometry"]["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
-    columns = set(pq.read_schema(summary.tables["objects"]).names)
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    columns = set(pq.read_schema(files[0]).names)
     wanted = {"object_id", "label", "score", "area_m2", "scene_id", "acquired_at", "run_id", "model", "bbox"}
     assert wanted <= columns
 
@@ -191,10 +193,10 @@ def test_region_queries_agree_across_geopandas_duckdb_and_the_query_api(run):
     region = (minx, miny, (minx + maxx) / 2, (miny + maxy) / 2)
     exact = everything[everything.intersects(shapely.box(*region))]
     assert 0 < len(exact) < len(everything)
-    assert set(query(summary.output, region)["object_id"]) == set(exact["object_id"])
+    assert set(catalog.open(summary.output).query(bbox=region)["object_id"]) == set(exact["object_id"])
     candidates = gpd.read_parquet(path, bbox=region)
     assert set(exact["object_id"]) <= set(candidates["object_id"])
-    sql = f"""select count(*) from read_parquet('{path}')
+    sql = f"""select count(*) from read_parquet('{path}/*/*/*.parquet')
               where bbox.xmin <= {region[2]} and bbox.xmax >= {region[0]}
                 and bbox.ymin <= {region[3]} and bbox.ymax >= {region[1]}"""
     assert duckdb.sql(sql).fetchone()[0] == len(candidates)
@@ -213,7 +215,9 @@ def test_duckdb_spatial_reads_the_geometries(run):
     summary, _, _ = run
     path = summary.tables["objects"]
     utm_area = "ST_Area(ST_Transform(geometry, 'EPSG:4326', 'EPSG:26914', always_xy := true))"
-    total = spatial_duckdb().sql(f"select count(*), sum({utm_area}) from read_parquet('{path}')").fetchone()
+    total = (
+        spatial_duckdb().sql(f"select count(*), sum({utm_area}) from read_parquet('{path}/*/*/*.parquet')").fetchone()
+    )
     objects = gpd.read_parquet(path)
     assert total[0] == len(objects)
     assert total[1] == pytest.approx(objects["pixels"].sum() * 25.0, rel=1e-6)

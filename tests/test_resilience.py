@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import NAIP_2010, open_mosaic, write_job
 
+from geobatch import catalog
 from geobatch.jobs import load_job
 from geobatch.pipeline import run_job
 
@@ -33,8 +34,8 @@ def clean(ray_session, tmp_path_factory):
 def outputs(folder):
     """What a run leaves that users read, minus who processed each tile."""
     label = open_mosaic(folder / "mosaics" / f"{NAIP_2010.stem}.zarr")["label"].values
-    objects = gpd.read_parquet(folder / "catalog" / "objects.parquet").sort_values("object_id")
-    tiles = gpd.read_parquet(folder / "catalog" / "tiles.parquet").drop(columns="worker").sort_values("tile_id")
+    objects = catalog.read_table(folder, "objects").sort_values("object_id")
+    tiles = catalog.read_table(folder, "tiles").drop(columns="worker").sort_values("tile_id")
     return label, objects.reset_index(drop=True), tiles.reset_index(drop=True)
 
 
