@@ -42,7 +42,11 @@ OBJECT_COLUMNS = (
 )  # fmt: skip
 TABLES = ("objects", "scenes", "tiles")
 ROW_GROUP_ROWS = 8192  # small enough that a region query reads few rows beyond its answer
-UNDATED = "undated"  # the month folder of objects from scenes without an acquisition time
+UNDATED = "undated"
+_ARROW_STRINGS = {
+    pa.string(): pd.StringDtype("pyarrow"),
+    pa.large_string(): pd.StringDtype("pyarrow"),
+}.get  # the month folder of objects from scenes without an acquisition time
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +113,17 @@ class QueryStats:
 
 @dataclass
 class Catalog:
-    """Queries over one catalog folder. File metadata is cached, so repeated queries stay warm."""
+    """Queries over one catalog folder.
+
+    The list of files and their row groups' bounding boxes are read once and kept, so repeated queries
+    stay warm; open the catalog again to see files written since.
+    """
 
     root: Path
     last_query: QueryStats = field(default_factory=QueryStats)
     _metadata: dict[Path, pq.ParquetFile] = field(default_factory=dict, repr=False)
+    _boxes: dict[Path, np.ndarray] = field(default_factory=dict, repr=False)
+    _listing: dict[str, list[Path]] = field(default_factory=dict, repr=False)
 
     def files(self, table: str = "objects", label: str | None = None, since=None, until=None) -> list[Path]:
         """The table's files, objects pruned by their label and month folders."""
@@ -121,14 +131,23 @@ class Catalog:
             return sorted((self.root / table).glob("*.parquet"))
         first, last = _month(since), _month(until)
         found = []
-        for folder in sorted((self.root / "objects").glob(f"{_glob_part(label)}/*")):
-            month = folder.name
-            if month != UNDATED and ((first and month < first) or (last and month > last)):
+        for folder, paths in self._folders().items():
+            folder_label, month = folder.split("/")
+            if label is not None and folder_label != label:
                 continue
             if month == UNDATED and (first or last):
                 continue
-            found += sorted(folder.glob("*.parquet"))
+            if month != UNDATED and ((first and month < first) or (last and month > last)):
+                continue
+            found += paths
         return found
+
+    def _folders(self) -> dict[str, list[Path]]:
+        """``label/month`` -> its files, listed once."""
+        if not self._listing:
+            for folder in sorted((self.root / "objects").glob("*/*")):
+                self._listing[f"{folder.parent.name}/{folder.name}"] = sorted(folder.glob("*.parquet"))
+        return self._listing
 
     def query(
         self,
@@ -160,27 +179,40 @@ class Catalog:
         found = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=4326)
         if "acquired_at" in found:  # parts without any date concatenate to objects
             found["acquired_at"] = pd.to_datetime(found["acquired_at"], utc=True)
-        if region is not None:
-            found = found[found.intersects(region)]
-        return found.reset_index(drop=True)
+        return found
 
     def _read(self, path, region, label, start, end, min_score, min_area_m2) -> gpd.GeoDataFrame | None:
         parquet = self._file(path)
-        groups = range(parquet.metadata.num_row_groups)
+        boxes = self._row_group_boxes(path)
+        groups = np.arange(len(boxes))
         if region is not None:
-            groups = [g for g in groups if _overlaps(parquet, g, region.bounds)]
-        self.last_query.row_groups += parquet.metadata.num_row_groups
+            xmin, ymin, xmax, ymax = region.bounds
+            apart = (boxes[:, 0] > xmax) | (boxes[:, 2] < xmin) | (boxes[:, 1] > ymax) | (boxes[:, 3] < ymin)
+            groups = groups[~apart]  # unknown (NaN) bounds never compare as apart: such groups are read
+        self.last_query.row_groups += len(boxes)
         self.last_query.row_groups_read += len(groups)
-        if not groups:
+        if not len(groups):
             return None
         self.last_query.files_read += 1
-        rows = parquet.read_row_groups(groups)
+        rows = parquet.read_row_groups(groups.tolist())
         keep = _row_filter(rows, region, label, start, end, min_score, min_area_m2)
         if keep is not None:
             rows = rows.filter(keep)
-        frame = rows.drop_columns([c for c in ("bbox",) if c in rows.column_names]).to_pandas()
+        inside = _inside(rows, region)
+        frame = rows.drop_columns([c for c in ("bbox",) if c in rows.column_names]).to_pandas(
+            types_mapper=_ARROW_STRINGS
+        )
         frame["geometry"] = shapely.from_wkb(frame["geometry"])
+        if region is not None:  # exact test only where the row's box is not wholly inside a box region
+            frame = frame[inside | shapely.intersects(frame["geometry"].to_numpy(), region)]
         return frame
+
+    def _row_group_boxes(self, path: Path) -> np.ndarray:
+        """xmin, ymin, xmax, ymax of each row group, from the ``bbox`` column statistics (NaN if absent)."""
+        if path not in self._boxes:
+            metadata = self._file(path).metadata
+            self._boxes[path] = np.array([_bbox_stats(metadata.row_group(g)) for g in range(metadata.num_row_groups)])
+        return self._boxes[path].reshape(-1, 4)
 
     def _file(self, path: Path) -> pq.ParquetFile:
         if path not in self._metadata:
@@ -228,10 +260,12 @@ class Catalog:
             for path in small:
                 path.unlink()
                 self._metadata.pop(path, None)
+                self._boxes.pop(path, None)
             for target in targets:
                 final = target.with_suffix(".parquet")
                 target.rename(final)
                 written.append(final)
+        self._listing.clear()
         return written
 
 
@@ -279,26 +313,25 @@ def _region(bbox: Sequence[float] | None, geometry: shapely.Geometry | None) -> 
     return shapes[0] if len(shapes) == 1 else shapely.intersection(*shapes)
 
 
-def _overlaps(parquet: pq.ParquetFile, group: int, bounds: tuple[float, float, float, float]) -> bool:
-    """Whether a row group's ``bbox`` statistics can overlap ``bounds`` (no statistics: assume so)."""
-    stats = _bbox_stats(parquet, group)
-    if stats is None:
-        return True
-    xmin, ymin, xmax, ymax = bounds
-    return not (
-        stats["xmin"][0] > xmax or stats["xmax"][1] < xmin or stats["ymin"][0] > ymax or stats["ymax"][1] < ymin
-    )
-
-
-def _bbox_stats(parquet: pq.ParquetFile, group: int) -> dict[str, tuple[float, float]] | None:
-    metadata = parquet.metadata.row_group(group)
+def _bbox_stats(group: pq.RowGroupMetaData) -> tuple[float, float, float, float]:
     found = {}
-    for index in range(metadata.num_columns):
-        column = metadata.column(index)
+    for index in range(group.num_columns):
+        column = group.column(index)
         name = column.path_in_schema
         if name.startswith("bbox.") and column.statistics is not None and column.statistics.has_min_max:
-            found[name.removeprefix("bbox.")] = (column.statistics.min, column.statistics.max)
-    return found if len(found) == 4 else None
+            found[name.removeprefix("bbox.")] = column.statistics
+    if len(found) < 4:
+        return (np.nan,) * 4
+    return found["xmin"].min, found["ymin"].min, found["xmax"].max, found["ymax"].max
+
+
+def _inside(rows: pa.Table, region: shapely.Geometry | None) -> np.ndarray:
+    """Rows whose bbox lies wholly inside ``region`` when it is a box: they intersect it for sure."""
+    if region is None or "bbox" not in rows.column_names or not shapely.equals(region, shapely.box(*region.bounds)):
+        return np.zeros(rows.num_rows, bool)
+    xmin, ymin, xmax, ymax = region.bounds
+    box = {name: pc.struct_field(rows["bbox"], name).to_numpy() for name in ("xmin", "ymin", "xmax", "ymax")}
+    return (box["xmin"] >= xmin) & (box["xmax"] <= xmax) & (box["ymin"] >= ymin) & (box["ymax"] <= ymax)
 
 
 def _row_filter(rows: pa.Table, region, label, start, end, min_score, min_area_m2) -> pa.ChunkedArray | None:
