@@ -54,6 +54,7 @@ class TileOutcome:
     reason: str | None = None
     labelled_pixels: int = 0
     worker: str | None = None  # pid@host of the actor that processed it
+    caption: str | None = None  # the model's caption of the tile, for models that write one
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ class TileWorker:
             except Exception as exc:  # noqa: BLE001 - as above
                 outcomes[work.tile.tile_id] = self._failed(work.tile, exc)
                 continue
-            outcomes[work.tile.tile_id] = self._outcome(work.tile, "done", labelled_pixels=labelled)
+            outcomes[work.tile.tile_id] = self._outcome(work.tile, "done", None, labelled, result.caption)
         with self._stats_lock:
             self._last = time.perf_counter()
         return [outcomes[work.tile.tile_id] for work in batch]
@@ -161,8 +162,10 @@ class TileWorker:
             self._busy += time.perf_counter() - inferred
             self._tiles += tiles
 
-    def _outcome(self, tile: Tile, status: str, reason: str | None = None, labelled_pixels: int = 0) -> TileOutcome:
-        return TileOutcome(tile.scene_id, tile.tile_id, status, reason, labelled_pixels, self.name)
+    def _outcome(
+        self, tile: Tile, status: str, reason: str | None = None, labelled: int = 0, caption: str | None = None
+    ) -> TileOutcome:
+        return TileOutcome(tile.scene_id, tile.tile_id, status, reason, labelled, self.name, caption)
 
     def _failed(self, tile: Tile, exc: Exception) -> TileOutcome:
         log.warning("tile %s failed: %s", tile.tile_id, exc, exc_info=not isinstance(exc, OSError))

@@ -26,11 +26,12 @@ from geobatch.jobs import JobSpec
 
 log = logging.getLogger(__name__)
 
+LEDGER_VERSION = 2
 _SCHEMA = """
 create table if not exists run (key text primary key, value text not null);
 create table if not exists tiles (
     tile_id text primary key, scene_id text not null, status text not null, reason text,
-    labelled_pixels integer not null, worker text, attempts integer not null default 1
+    labelled_pixels integer not null, worker text, caption text, attempts integer not null default 1
 );
 create table if not exists scenes (scene_id text primary key, outcome text not null);
 """
@@ -39,6 +40,7 @@ create table if not exists scenes (scene_id text primary key, outcome text not n
 def job_fingerprint(spec: JobSpec) -> str:
     """A hash of what decides the outputs (scenes, bands, grid, model, prompts), not of where or how fast."""
     decisive = spec.model_dump(mode="json", include={"scenes", "prompts", "model", "bands", "resolution", "tiling"})
+    decisive["ledger"] = LEDGER_VERSION  # a ledger of another layout cannot be resumed
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,7 +67,7 @@ class Ledger:
             return cls(folder, db, recorded["run_id"], resumed=True)
         if recorded:
             log.warning("the job changed since run %s in %s; starting a new run", recorded["run_id"], output)
-            db.executescript("delete from run; delete from tiles; delete from scenes;")
+            db.executescript("drop table run; drop table tiles; drop table scenes;" + _SCHEMA)
             for partial in (output / "mosaics").glob("*.zarr.partial"):
                 shutil.rmtree(partial)
         run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -74,9 +76,10 @@ class Ledger:
 
     def record_tile(self, outcome: TileOutcome) -> None:
         self._db.execute(
-            "insert into tiles (tile_id, scene_id, status, reason, labelled_pixels, worker) values (?, ?, ?, ?, ?, ?)"
-            " on conflict(tile_id) do update set status = excluded.status, reason = excluded.reason,"
-            " labelled_pixels = excluded.labelled_pixels, worker = excluded.worker, attempts = attempts + 1",
+            "insert into tiles (tile_id, scene_id, status, reason, labelled_pixels, worker, caption)"
+            " values (?, ?, ?, ?, ?, ?, ?) on conflict(tile_id) do update set status = excluded.status,"
+            " reason = excluded.reason, labelled_pixels = excluded.labelled_pixels, worker = excluded.worker,"
+            " caption = excluded.caption, attempts = attempts + 1",
             (
                 outcome.tile_id,
                 outcome.scene_id,
@@ -84,6 +87,7 @@ class Ledger:
                 outcome.reason,
                 outcome.labelled_pixels,
                 outcome.worker,
+                outcome.caption,
             ),
         )
 
@@ -96,7 +100,8 @@ class Ledger:
 
     def tile_outcomes(self, scene_id: str) -> dict[str, TileOutcome]:
         rows = self._db.execute(
-            "select tile_id, status, reason, labelled_pixels, worker from tiles where scene_id = ?", (scene_id,)
+            "select tile_id, status, reason, labelled_pixels, worker, caption from tiles where scene_id = ?",
+            (scene_id,),
         )
         return {tile_id: TileOutcome(scene_id, tile_id, *rest) for tile_id, *rest in rows}
 

@@ -319,6 +319,7 @@ def _tile_table(scenes: list[Scene], grid: TileGrid, ledger: Ledger) -> gpd.GeoD
                     "reason": [o.reason for o in rows],
                     "labelled_pixels": [o.labelled_pixels for o in rows],
                     "worker": [o.worker for o in rows],
+                    "caption": [o.caption for o in rows],
                     "run_id": ledger.run_id,
                 },
                 geometry=gpd.GeoSeries(cores, crs=scene.geobox.crs.wkt).to_crs(4326),
