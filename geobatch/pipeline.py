@@ -108,16 +108,7 @@ def run_job(
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
-    refs, failures = discover(spec)
-    scenes: list[Scene] = []
-    for ref in refs:
-        try:
-            scenes.append(open_scene(ref, bands, values=model.input_values, resolution=spec.resolution, access=access))
-        except GeobatchError as exc:  # the message names the scene; the reason need not repeat it
-            failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc).removeprefix(f"scene {ref.uri}: ")))
-    for failure in failures:
-        log.info("scene %s failed: %s", failure.scene_id, failure.reason)
-
+    scenes, failures = _open_scenes(spec, bands, model.input_values, access)
     grid = TileGrid(spec.tiling.core, spec.tiling.overlap)
     labels = [p.label for p in prompts]
     mosaic_dir = spec.output / "mosaics"
@@ -140,7 +131,7 @@ def run_job(
             settings = inference_settings(model, spec.ray.num_actors, spec.ray.batch_size, spec.ray.max_retries)
             report = PoolReport(settings, [])
             for outcome in run_tiles(work, spec.model, prompts, bands, access, settings, report):
-                ledger.record_tile(outcome)
+                ledger.record_tile(outcome)  # durable before anything else looks at it
                 if on_tile:
                     on_tile(outcome)
         with dask.config.set(scheduler=ray_dask_get):
@@ -172,6 +163,22 @@ def run_job(
     _write_summary_file(ledger.folder / "summary.json", summary, report)
     ledger.close()
     return summary
+
+
+def _open_scenes(
+    spec: JobSpec, bands: tuple[str, ...], values: str, access: Access
+) -> tuple[list[Scene], list[SceneFailure]]:
+    """Every scene the job names, opened; those that cannot be used become failures with the reason."""
+    refs, failures = discover(spec)
+    scenes: list[Scene] = []
+    for ref in refs:
+        try:
+            scenes.append(open_scene(ref, bands, values=values, resolution=spec.resolution, access=access))
+        except GeobatchError as exc:  # the message names the scene; the reason need not repeat it
+            failures.append(SceneFailure(ref.scene_id, ref.uri, str(exc).removeprefix(f"scene {ref.uri}: ")))
+    for failure in failures:
+        log.info("scene %s failed: %s", failure.scene_id, failure.reason)
+    return scenes, failures
 
 
 @contextlib.contextmanager
