@@ -72,8 +72,8 @@ class Access:
     """GDAL settings and retry policy for one job's scenes; cheap to pass to every worker."""
 
     gdal_options: dict[str, str] = field(default_factory=lambda: dict(_REMOTE_DEFAULTS))
-    retries: int = 4
-    backoff_s: float = 0.5
+    retries: int = StorageSpec.model_fields["retries"].default  # the job's defaults, in one place
+    backoff_s: float = StorageSpec.model_fields["retry_backoff_s"].default
 
     @classmethod
     def from_spec(cls, storage: StorageSpec) -> Access:

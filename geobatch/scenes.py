@@ -16,11 +16,11 @@ import glob
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import rasterio
@@ -38,6 +38,7 @@ from geobatch.jobs import BAND_NAMES, JobSpec, SceneSpec, as_utc
 log = logging.getLogger(__name__)
 
 InputValues = Literal["physical", "display"]
+T = TypeVar("T")
 
 LOCAL_ACCESS = Access()  # defaults: no storage settings, the standard retries
 
@@ -207,12 +208,8 @@ class SceneReader:
             read = partial(
                 self._read_file, uri, [scene.bands[name].index for name in names], window, scene.geobox.affine
             )
-            try:
-                with gdal_warnings() as warnings:
-                    data, file_valid = self.access.retrying(uri, read, on_retry=partial(self._close, uri))
-            except RasterioError as exc:
-                reason = describe_error(exc, warnings)
-                raise SceneUnreadable(f"scene {uri}: cannot read window {_describe(window)}: {reason}") from None
+            doing = f"cannot read window {_describe(window)}"
+            data, file_valid = _with_gdal(self.access, uri, read, doing, on_retry=partial(self._close, uri))
             stored.update(zip(names, data))
             valid &= file_valid
         inputs = {name: scene.values[name].apply(stored[name]) for name in bands}
@@ -292,11 +289,19 @@ def _open_metadata(uri: str, access: Access) -> _FileInfo:
                 _tagged_datetime(src),
             )
 
+    return _with_gdal(access, uri, read, "cannot open")
+
+
+def _with_gdal(
+    access: Access, uri: str, operation: Callable[[], T], doing: str, on_retry: Callable[[], None] | None = None
+) -> T:
+    """``operation`` on ``uri`` with the job's GDAL settings and retries; a failure becomes one line saying
+    what was being done and GDAL's reason (:class:`SceneUnreadable`)."""
     try:
         with gdal_warnings() as warnings:
-            return access.retrying(uri, read)
+            return access.retrying(uri, operation, on_retry)
     except RasterioError as exc:
-        raise SceneUnreadable(f"scene {uri}: cannot open: {describe_error(exc, warnings)}") from None
+        raise SceneUnreadable(f"scene {uri}: {doing}: {describe_error(exc, warnings)}") from None
 
 
 def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[SceneFailure]]:
@@ -392,12 +397,7 @@ def _stretch_limits(info: _FileInfo, index: int, access: Access) -> tuple[float,
             windows = _sample_blocks(src, index)
             return np.concatenate([src.read(index, window=w, masked=True).compressed() for w in windows])
 
-    try:
-        with gdal_warnings() as warnings:
-            sample = access.retrying(info.uri, read)
-    except RasterioError as exc:
-        reason = describe_error(exc, warnings)
-        raise SceneUnreadable(f"scene {info.uri}: cannot read an overview for the value stretch: {reason}") from None
+    sample = _with_gdal(access, info.uri, read, "cannot read an overview for the value stretch")
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         return 0.0, 1.0
