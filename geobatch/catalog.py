@@ -78,13 +78,18 @@ def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, row_group_size: 
 def write_scene_objects(output: str | Path, objects: gpd.GeoDataFrame, run_id: str, scene_id: str) -> list[Path]:
     """Write one scene's objects of one run into the label / month folders, replacing that pair's files."""
     root = Path(output) / "catalog" / "objects"
-    for stale in root.glob(f"*/*/{run_id}_{scene_id}.parquet"):
+    for stale in run_object_files(output, run_id, scene_id):
         stale.unlink()
     months = pd.to_datetime(objects["acquired_at"], utc=True).dt.strftime("%Y-%m").fillna(UNDATED)
     return [
         write_geoparquet(part, root / label / month / f"{run_id}_{scene_id}.parquet")
         for (label, month), part in objects.groupby([objects["label"], months], sort=True)
     ]
+
+
+def run_object_files(output: str | Path, run_id: str, scene_id: str = "*") -> list[Path]:
+    """The object files a run wrote (for one scene, or all)."""
+    return sorted((Path(output) / "catalog" / "objects").glob(f"*/*/{run_id}_{scene_id}.parquet"))
 
 
 def write_run_table(output: str | Path, table: str, frame: gpd.GeoDataFrame, run_id: str) -> Path:

@@ -200,7 +200,7 @@ def _finished(ledger: Ledger, scene: Scene, mosaic_dir: Path) -> SceneOutcome | 
     if recorded is None or recorded["status"] not in ("done", "skipped"):
         return None  # never finished, or has failed tiles to try again
     outcome = SceneOutcome(**recorded)
-    if outcome.objects and not _object_files(ledger.folder.parent, ledger.run_id, scene.scene_id):
+    if outcome.objects and not catalog.run_object_files(ledger.folder.parent, ledger.run_id, scene.scene_id):
         return None
     _publish(mosaic_dir, scene.scene_id)  # in case the run stopped between recording and moving
     return outcome
@@ -270,14 +270,10 @@ def _catalogue_objects(
     return objects[[*catalog.OBJECT_COLUMNS, "geometry"]]
 
 
-def _object_files(output: Path, run_id: str, scene_id: str = "*") -> list[Path]:
-    return sorted((output / "catalog" / "objects").glob(f"*/*/{run_id}_{scene_id}.parquet"))
-
-
 def _label_counts(output: Path, run_id: str) -> dict[str, int]:
     """Objects per label in the run's files (from the files' metadata: no rows are read)."""
     counts: Counter[str] = Counter()
-    for path in _object_files(output, run_id):
+    for path in catalog.run_object_files(output, run_id):
         counts[path.parent.parent.name] += pq.ParquetFile(path).metadata.num_rows
     return dict(counts)
 
