@@ -406,10 +406,6 @@ def _month(value: dt.datetime | None) -> str | None:
     return f"{value:%Y-%m}" if value else None
 
 
-def _glob_part(label: str | None) -> str:
-    return "*" if label is None else re.sub(r"([*?\[])", r"[\1]", label)
-
-
 def _finite(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """Geometries that do not map into EPSG:4326 (e.g. corners off a geostationary disk) become missing."""
     finite = np.isfinite(shapely.bounds(frame.geometry.to_numpy())).all(axis=1) | frame.geometry.isna().to_numpy()

@@ -86,7 +86,7 @@ class PromptSpec(_Frozen):
 
     text: str = Field(min_length=1)
     kind: Literal["class", "referring", "gcg"] = "class"
-    label: str | None = None
+    label: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] | None = None  # names catalog folders
 
     @model_validator(mode="after")
     def _default_label(self) -> PromptSpec:

@@ -45,6 +45,9 @@ def test_missing_job_file_is_named(tmp_path):
         ({"scenes": "not-a-list"}, "scenes"),
         ({"tiling": {"core": 64, "overlap": 0, "typo": 1}}, "tiling.typo"),
         ({"prompts": ["water", {"text": "lakes", "label": "water"}]}, "prompts"),
+        ({"prompts": [{"text": "lakes", "label": "../lakes"}]}, "prompts.0.label"),  # labels name folders
+        ({"storage": {"gdal_options": {"AWS_SECRET_ACCESS_KEY": "x"}}}, "storage.gdal_options"),
+        ({"ray": {"batch_size": 0}}, "ray.batch_size"),
     ],
 )
 def test_invalid_field_is_named_in_one_line(tmp_path, fields, field_name):
