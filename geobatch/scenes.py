@@ -234,7 +234,8 @@ class SceneReader:
         data = dataset.read(indexes, window=source_window, out_shape=shape, resampling=resampling)
         if all(dataset.mask_flag_enums[i - 1] == [MaskFlags.all_valid] for i in indexes):
             return data, np.ones(shape[1:], bool)
-        # An output pixel is valid only if every source pixel under it is: averaged masks stay at 255.
+        # Valid where the averaged mask stays 255: for masks and alpha, all source pixels valid; GDAL derives
+        # nodata masks at the read's resolution, after its nodata-aware averaging (any source pixel valid).
         masks = dataset.read_masks(indexes, window=source_window, out_shape=shape, resampling=Resampling.average)
         return data, (masks == 255).all(axis=0)
 
