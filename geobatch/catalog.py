@@ -80,7 +80,7 @@ def write_scene_objects(output: str | Path, objects: gpd.GeoDataFrame, run_id: s
     root = Path(output) / "catalog" / "objects"
     for stale in run_object_files(output, run_id, scene_id):
         stale.unlink()
-    months = pd.to_datetime(objects["acquired_at"], utc=True).dt.strftime("%Y-%m").fillna(UNDATED)
+    months = _months(objects["acquired_at"])
     return [
         write_geoparquet(part, root / label / month / f"{run_id}_{scene_id}.parquet")
         for (label, month), part in objects.groupby([objects["label"], months], sort=True)
@@ -246,7 +246,7 @@ class Catalog:
         """
         regions = regions.to_crs(4326).reset_index(drop=True)
         found = self.query(bbox=regions.total_bounds)
-        found["month"] = pd.to_datetime(found["acquired_at"], utc=True).dt.strftime("%Y-%m").fillna(UNDATED)
+        found["month"] = _months(found["acquired_at"])
         points = gpd.GeoDataFrame(found.drop(columns="geometry"), geometry=found.representative_point(), crs=4326)
         joined = gpd.sjoin(points, regions[["geometry"]], predicate="within").rename(columns={"index_right": "region"})
         keys = ["region", *by]
@@ -308,15 +308,14 @@ def duckdb_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         connection.close()
 
 
-def _load_spatial(connection) -> bool:
+def _load_spatial(connection) -> None:
     try:
         import duckdb_extension_spatial
     except ImportError:
-        return False
-    extensions = list(Path(duckdb_extension_spatial.__file__).parent.rglob("spatial.duckdb_extension"))
-    if extensions:
-        connection.execute(f"load '{extensions[0]}'")
-    return bool(extensions)
+        return
+    for extension in Path(duckdb_extension_spatial.__file__).parent.rglob("spatial.duckdb_extension"):
+        connection.execute(f"load '{extension}'")
+        return
 
 
 @contextlib.contextmanager
@@ -400,6 +399,11 @@ def _instant(value: str | dt.datetime | None, end_of_day: bool = False) -> dt.da
             parsed += dt.timedelta(days=1, microseconds=-1)
         value = parsed
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _months(acquired_at: pd.Series) -> pd.Series:
+    """The month folder of each acquisition time: ``YYYY-MM``, or ``undated``."""
+    return pd.to_datetime(acquired_at, utc=True).dt.strftime("%Y-%m").fillna(UNDATED)
 
 
 def _month(value: dt.datetime | None) -> str | None:

@@ -178,7 +178,7 @@ def query(
 
 def _export(found: gpd.GeoDataFrame, fmt: OutputFormat, to: Path | None) -> None:
     if fmt is OutputFormat.table:
-        _print_objects(found)
+        _print_rows(found, [c for c in _OBJECT_SUMMARY if c in found])
     elif fmt is OutputFormat.parquet:
         catalog.write_geoparquet(found, to)
     elif fmt in _FILE_FORMATS:
@@ -195,12 +195,15 @@ def _csv(found: gpd.GeoDataFrame) -> str:
     return pd.DataFrame(found.drop(columns="geometry")).assign(wkt=found.geometry.to_wkt()).to_csv(index=False)
 
 
-def _print_objects(found) -> None:
-    table = Table(title=f"{len(found)} row(s)", title_justify="left")
-    columns = [c for c in ("object_id", "label", "score", "area_m2", "scene_id", "status", "acquired_at") if c in found]
+_OBJECT_SUMMARY = ("object_id", "label", "score", "area_m2", "scene_id", "status", "acquired_at")
+
+
+def _print_rows(frame: pd.DataFrame, columns: list[str]) -> None:
+    """``columns`` of ``frame`` as a table on stdout, wide enough that ids and paths stay whole."""
+    table = Table(title=f"{len(frame)} row(s)", title_justify="left")
     for column in columns:
-        table.add_column(column)
-    for row in found[columns].itertuples(index=False):
+        table.add_column(str(column))
+    for row in frame[columns].itertuples(index=False):
         table.add_row(*(_cell(value) for value in row))
     Console(width=200).print(table)
 
@@ -226,13 +229,7 @@ def stats(
     table = _open_catalog(output).stats(gpd.read_file(regions), keys)
     if to:
         catalog.write_geoparquet(table, to)
-    printed = Table(title=f"{len(table)} row(s)", title_justify="left")
-    columns = [c for c in table.columns if c != "geometry"]
-    for column in columns:
-        printed.add_column(column)
-    for row in table[columns].itertuples(index=False):
-        printed.add_row(*(_cell(value) for value in row))
-    Console(width=200).print(printed)
+    _print_rows(table, [c for c in table.columns if c != "geometry"])
 
 
 @app.command()
@@ -254,12 +251,7 @@ def sql(
     if fmt == "csv":
         sys.stdout.write(frame.to_csv(index=False))
         return
-    printed = Table(title=f"{len(frame)} row(s)", title_justify="left")
-    for column in frame.columns:
-        printed.add_column(str(column))
-    for row in frame.itertuples(index=False):
-        printed.add_row(*(_cell(value) for value in row))
-    Console(width=200).print(printed)
+    _print_rows(frame, list(frame.columns))
 
 
 catalog_app = typer.Typer(help="Maintain a catalog.", no_args_is_help=True)
