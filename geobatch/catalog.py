@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
+from geopandas.io.arrow import _geopandas_to_arrow  # the Arrow table to_parquet writes, batch by batch
 
 if TYPE_CHECKING:
     import duckdb
@@ -58,33 +60,103 @@ def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, row_group_size: 
 
     Written beside its final name and moved into place, so readers never see half a file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame = _finite(frame.to_crs(4326))
-    frame = frame.iloc[_spatial_order(frame)]
-    partial = path.with_name(path.name + ".partial")
-    frame.to_parquet(
-        partial,
-        index=False,
-        schema_version="1.1.0",
-        write_covering_bbox=True,
-        compression="zstd",
-        row_group_size=row_group_size or ROW_GROUP_ROWS,
-    )
-    os.replace(partial, path)
-    return path
+    stream = GeoParquetStream(path, row_group_size, buffer_rows=max(len(frame), 1))
+    stream.write(frame)
+    return stream.close()
 
 
-def write_scene_objects(output: str | Path, objects: gpd.GeoDataFrame, run_id: str, scene_id: str) -> list[Path]:
-    """Write one scene's objects of one run into the label / month folders, replacing that pair's files."""
+class GeoParquetStream:
+    """One GeoParquet 1.1 file written from batches of rows, holding at most ``buffer_rows`` of them.
+
+    Each full buffer is Hilbert-sorted and written as row groups, so row groups stay spatially compact
+    when batches arrive in spatial order (a mosaic's chunks). The file-level ``geo`` metadata (bounding
+    box, geometry types) is only known at the end, so it goes into the Parquet footer when the file is
+    closed, and the Arrow schema is not stored (it would carry a stale copy).
+    """
+
+    def __init__(self, path: str | Path, row_group_size: int | None = None, buffer_rows: int = 16 * ROW_GROUP_ROWS):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.row_group_size = row_group_size or ROW_GROUP_ROWS
+        self.buffer_rows = buffer_rows
+        self._buffer: list[gpd.GeoDataFrame] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._geo: dict | None = None
+
+    def write(self, frame: gpd.GeoDataFrame) -> None:
+        self._buffer.append(frame)
+        if sum(len(f) for f in self._buffer) >= self.buffer_rows:
+            self._flush()
+
+    def close(self) -> Path:
+        """Finish the file and move it into place; returns its path."""
+        if self._writer is None and not self._buffer:
+            self._buffer = [gpd.GeoDataFrame(geometry=[], crs=4326)]
+        self._flush(allow_empty=self._writer is None)  # no rows at all: a file with the columns seen
+        self._writer.add_key_value_metadata({"geo": json.dumps(self._geo)})
+        self._writer.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.partial.unlink(missing_ok=True)
+
+    def _flush(self, allow_empty: bool = False) -> None:
+        frames, self._buffer = self._buffer, []
+        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else None)
+        if frame is None or (not len(frame) and not allow_empty):
+            return
+        frame = _finite(gpd.GeoDataFrame(frame).to_crs(4326))
+        table = _geopandas_to_arrow(
+            frame.iloc[_spatial_order(frame)], index=False, schema_version="1.1.0", write_covering_bbox=True
+        )
+        geo = json.loads(table.schema.metadata[b"geo"])
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            schema = table.schema.remove_metadata()
+            self._writer = pq.ParquetWriter(self.partial, schema, compression="zstd", store_schema=False)
+            self._geo = geo
+        else:
+            self._geo = _merged_geo(self._geo, geo)
+        self._writer.write_table(table.cast(self._writer.schema), row_group_size=self.row_group_size)
+
+
+def _merged_geo(first: dict, second: dict) -> dict:
+    """GeoParquet ``geo`` metadata covering the rows of both (bounding box and geometry types)."""
+    merged = json.loads(json.dumps(first))
+    column, other = merged["columns"]["geometry"], second["columns"]["geometry"]
+    column["geometry_types"] = sorted(set(column["geometry_types"]) | set(other["geometry_types"]))
+    boxes = [box for box in (column.get("bbox"), other.get("bbox")) if box]
+    if boxes:
+        column["bbox"] = [*np.min([b[:2] for b in boxes], axis=0), *np.max([b[2:] for b in boxes], axis=0)]
+    return merged
+
+
+def write_scene_objects(
+    output: str | Path, objects: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame], run_id: str, scene_id: str
+) -> list[Path]:
+    """Write one scene's objects of one run into the label / month folders, replacing that pair's files.
+
+    ``objects`` may be batches (a mosaic's chunks, in spatial order): each label / month file is streamed,
+    so memory holds a buffer of rows per file, not the scene.
+    """
     root = Path(output) / "catalog" / "objects"
     for stale in run_object_files(output, run_id, scene_id):
         stale.unlink()
-    months = _months(objects["acquired_at"])
-    return [
-        write_geoparquet(part, root / label / month / f"{run_id}_{scene_id}.parquet")
-        for (label, month), part in objects.groupby([objects["label"], months], sort=True)
-    ]
+    streams: dict[tuple[str, str], GeoParquetStream] = {}
+    try:
+        for batch in [objects] if isinstance(objects, gpd.GeoDataFrame) else objects:
+            for (label, month), part in batch.groupby([batch["label"], _months(batch["acquired_at"])], sort=True):
+                if (label, month) not in streams:
+                    streams[label, month] = GeoParquetStream(root / label / month / f"{run_id}_{scene_id}.parquet")
+                streams[label, month].write(part)
+        return [streams[key].close() for key in sorted(streams)]
+    except BaseException:
+        for stream in streams.values():
+            stream.abort()
+        raise
 
 
 def run_object_files(output: str | Path, run_id: str, scene_id: str = "*") -> list[Path]:

@@ -244,12 +244,13 @@ def _finish_scene(
         outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts)
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
-    objects = _catalogue_objects(vectorize(mosaic, scene), scene, spec, ledger.run_id, prompts)
+    batches = (_catalogue_objects(rows, scene, spec, ledger.run_id, prompts) for rows in vectorize(mosaic, scene))
+    files = catalog.write_scene_objects(spec.output, batches, ledger.run_id, scene.scene_id)
     add_overviews(mosaic)
-    catalog.write_scene_objects(spec.output, objects, ledger.run_id, scene.scene_id)
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
     final = str(mosaic_dir / f"{scene.scene_id}.zarr")
-    outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, len(objects), final)
+    objects = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts, objects, final)
     ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
     _publish(mosaic_dir, scene.scene_id)
     return outcome

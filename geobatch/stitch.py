@@ -9,7 +9,7 @@ Arrays, all on the scene grid (``y``, ``x``):
 - ``label`` (uint8): 0 background, ``i`` the ``i``-th prompt's label, 255 nodata / not processed;
   where prompts overlap the earlier prompt in the job wins;
 - ``score`` (float32): the model's confidence for the pixel's label, NaN where nodata;
-- ``instance`` (uint32): the object id (see ``vectorize``), 0 where no object.
+- ``instance`` (uint64): the object id, its first pixel's ``row * width + col + 1`` (see ``vectorize``), 0 where no object.
 
 Finished mosaics also hold coarser levels for viewers, ``overviews/2``, ``overviews/4``... (``add_overviews``).
 """
@@ -38,7 +38,7 @@ MAX_LABELS = LABEL_NODATA - 1
 _ARRAYS = {  # name -> (dtype, fill value)
     "label": (np.uint8, LABEL_NODATA),
     "score": (np.float32, np.nan),
-    "instance": (np.uint32, 0),
+    "instance": (np.uint64, 0),
 }
 
 

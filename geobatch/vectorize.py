@@ -1,28 +1,31 @@
 """Vectorising: a scene mosaic's labelled regions become polygons, each object exactly once.
 
-Work is split by mosaic chunk and run as a Dask graph, so no step holds more than one chunk of pixels:
+An object is a 4-connected region of one label. Work is split by mosaic chunk and run as a Dask graph,
+and the driver never holds pixels or more than one chunk's polygons:
 
-1. per chunk: 4-connected components of each label, their polygons (in scene pixel coordinates),
-   pixel counts, score sums, first pixels, and the chunk's border strips;
-2. on the driver: components that touch across a chunk seam with the same label are joined into
+1. per chunk: 4-connected components of each label, their pixel counts, score and area sums, first
+   pixels; components that do not touch the chunk's border are whole objects, so their polygons and
+   catalog rows are made and staged right there. Only the border components and the chunk's four
+   border strips go back to the driver;
+2. on the driver: border components that touch across a seam with the same label are joined into
    objects (a sparse graph's connected components over the border strips: no pixels, no polygons);
-3. per chunk: the ``instance`` array is written with the final object ids, and the pixels of objects
-   that cross a seam are also written to a small GeoTIFF;
-4. the objects that cross a seam are polygonised again, whole, by GDAL streaming a VRT of those
-   GeoTIFFs row by row (memory: a few rows plus the open polygons), which replaces their pieces.
+3. per chunk: the ``instance`` array is written, and the boundary runs of the chunk's border objects
+   are extracted with the neighbours' ids around the chunk, so an object gets no edge along a seam it
+   crosses. Objects within the chunk are polygonised there; the runs of objects that cross a seam are
+   staged in buckets;
+4. on the driver, one bucket at a time: the runs of each crossing object, gathered from every chunk it
+   touches, are linked into rings (:mod:`geobatch.polygonize`).
 
-Step 4 exists because unioning the pieces of a large object is slow: GEOS took 54 s for one
-724-piece, 1.4 M-vertex water body that GDAL polygonises in a single pass. Every polygon thus comes from
-GDAL's polygoniser run over the whole object, so it is the same for any tiling. Object ids are ordered
-by each object's first pixel in row-major order, so they are the same for any tile size and on every rerun.
+Every polygon thus follows its object's pixel edges exactly and is the same for any tiling. An object's
+id is its first pixel in row-major order (``row * width + col``, plus one in the ``instance`` array), so
+ids are the same for any tile size and on every rerun, and a chunk can name its own objects.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import shutil
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,29 +33,34 @@ import dask
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import rasterio.features
+import pyarrow.parquet as pq
+import pyproj
 import shapely
 import zarr
 from affine import Affine
-from rasterio import Band
-from rasterio.errors import NotGeoreferencedWarning
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from geobatch.polygonize import Runs, boundary_runs, polygons
 from geobatch.scenes import Scene
 from geobatch.stitch import Mosaic
 from geobatch.tiling import TileGrid, plan_tiles
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+_AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
+_CHUNKS_PER_BUCKET = 16  # crossing objects are traced in buckets holding about this many chunks' runs
+
+ChunkKey = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
 class Georeference:
-    """Takes polygons from scene pixel coordinates to EPSG:4326 and measures their ellipsoidal area.
+    """Takes polygons from scene pixel coordinates to EPSG:4326, and measures pixels on the ellipsoid.
 
-    Area is measured in a Lambert equal-area projection centred on the scene: equal-area projections keep
-    ellipsoidal areas exactly (up to rounding), and shapely measures all polygons in one call.
+    Ground areas come from a Lambert equal-area projection centred on the scene (equal-area projections
+    keep ellipsoidal areas exactly), measured every few pixels and interpolated between: an object's area
+    is the sum of its pixels' areas, so the areas of an object's pieces add up.
     """
 
     affine: Affine
@@ -65,164 +73,247 @@ class Georeference:
         laea = f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m"
         return cls(scene.geobox.affine, scene.geobox.crs.wkt, laea)
 
-    def scene_crs(self, pixel_polygons: np.ndarray) -> gpd.GeoSeries:
-        """Polygons in scene pixel coordinates, placed in the scene's CRS."""
-        return gpd.GeoSeries(shapely.transform(pixel_polygons, self._pixel_to_crs), crs=self.crs_wkt)
+    def to_lonlat(self, pixel_geometries: np.ndarray) -> np.ndarray:
+        """Geometries in scene pixel coordinates, in EPSG:4326 (longitude, latitude)."""
+        transformer = _transformer(self.crs_wkt, "EPSG:4326")
+        return shapely.transform(pixel_geometries, lambda xy: np.column_stack(transformer.transform(*self._crs(xy))))
 
-    def areas(self, polygons: gpd.GeoSeries) -> np.ndarray:
-        """Ellipsoidal areas in square metres."""
-        return polygons.to_crs(self.equal_area).area.to_numpy()
+    def pixel_areas(self, rows: slice, cols: slice) -> np.ndarray:
+        """Each pixel's ground area in m², over a window of the scene grid."""
+        sample_rows, sample_cols = _samples(rows), _samples(cols)
+        col, row = np.meshgrid(sample_cols, sample_rows)
+        corners = [(col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1)]
+        transformer = _transformer(self.crs_wkt, self.equal_area)
+        xs, ys = zip(*(transformer.transform(*(self.affine @ (c.ravel(), r.ravel()))) for c, r in corners))
+        xs, ys = np.array(xs) - xs[0], np.array(ys) - ys[0]  # small numbers: exact differences
+        shoelace = sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4))
+        sampled = np.abs(shoelace / 2).reshape(row.shape)
+        return _interpolation(rows, sample_rows) @ sampled @ _interpolation(cols, sample_cols).T
 
-    def _pixel_to_crs(self, xy: np.ndarray) -> np.ndarray:
-        return np.column_stack(self.affine @ (xy[:, 0], xy[:, 1]))
+    def _crs(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.affine @ (xy[:, 0], xy[:, 1])
+
+
+@functools.lru_cache(maxsize=16)
+def _transformer(source: str, target: str) -> pyproj.Transformer:
+    return pyproj.Transformer.from_crs(source, target, always_xy=True)
+
+
+def _samples(span: slice) -> np.ndarray:
+    return np.unique(np.append(np.arange(span.start, span.stop, _AREA_SAMPLE_STEP), span.stop - 1))
+
+
+def _interpolation(span: slice, samples: np.ndarray) -> np.ndarray:
+    """The matrix taking values at ``samples`` to linearly interpolated values at every index of ``span``."""
+    positions = np.arange(span.start, span.stop)
+    return np.column_stack([np.interp(positions, samples, unit) for unit in np.eye(len(samples))])
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkPieces:
-    """The object pieces found in one chunk; arrays are indexed by local id - 1."""
+class MosaicPlan:
+    """What every chunk task needs to know about the mosaic it vectorises."""
 
-    codes: np.ndarray  # label code of each piece
-    pixels: np.ndarray  # pixel count
+    path: str
+    scene_id: str
+    width: int
+    labels: tuple[str, ...]
+    georeference: Georeference
+    staging: Path
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        return tuple(range(1, len(self.labels) + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """A chunk's 4-connected components of each label; arrays are indexed by local id - 1."""
+
+    local: np.ndarray  # local id per pixel, 0 for none
+    codes: np.ndarray
+    first: np.ndarray  # first pixel in row-major order, as a scene-wide index (row * width + col)
+
+    @property
+    def count(self) -> int:
+        return len(self.codes)
+
+    def border_ids(self) -> np.ndarray:
+        local = self.local
+        edges = np.concatenate((local[0], local[-1], local[:, 0], local[:, -1]))
+        return np.unique(edges[edges > 0])
+
+
+@dataclass(frozen=True, slots=True)
+class BorderPieces:
+    """The components of one chunk that touch its border (arrays in ``ids`` order), and its border strips."""
+
+    ids: np.ndarray  # local ids
+    codes: np.ndarray
+    pixels: np.ndarray
     score_sums: np.ndarray
-    first_pixels: np.ndarray  # smallest row-major scene pixel index
-    geometries: np.ndarray  # shapely polygons in EPSG:4326
-    areas: np.ndarray  # m², on the ellipsoid
+    areas: np.ndarray
+    first: np.ndarray
     top: np.ndarray  # local ids along the chunk's four borders
     bottom: np.ndarray
     left: np.ndarray
     right: np.ndarray
 
 
-def vectorize(mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
-    """Polygons of every labelled object of ``mosaic`` in EPSG:4326, and write its ``instance`` array.
+@dataclass(frozen=True, slots=True)
+class ObjectTable:
+    """Joined objects made of border pieces, indexed by object id (first pixel + 1)."""
+
+    ids: np.ndarray
+    codes: np.ndarray
+    pixels: np.ndarray
+    score_sums: np.ndarray
+    areas: np.ndarray
+    crossing: np.ndarray  # made of pieces of several chunks
+
+    def subset(self, ids: np.ndarray) -> ObjectTable:
+        at = np.searchsorted(self.ids, np.unique(ids))
+        return ObjectTable(*(getattr(self, name)[at] for name in ObjectTable.__slots__))
+
+    def rows(self, plan: MosaicPlan, ids: np.ndarray, geometries: np.ndarray) -> gpd.GeoDataFrame:
+        at = np.searchsorted(self.ids, ids)
+        return _rows(plan, ids - 1, self.codes[at], self.pixels[at], self.score_sums[at], self.areas[at], geometries)
+
+
+def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[gpd.GeoDataFrame]:
+    """Polygons of every labelled object of ``mosaic`` in EPSG:4326, a chunk at a time; writes its ``instance`` array.
 
     Columns: ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2`` (ellipsoidal),
     ``geometry``. Runs on the current Dask scheduler; each task opens the store by path itself.
+    Staged files live beside the mosaic until the last batch has been taken.
     """
+    staging = Path(mosaic.path).with_name(f"{mosaic.scene_id}.vectors.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "runs").mkdir(parents=True)
+    plan = MosaicPlan(mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, Georeference.of(scene), staging)
     chunks = _chunk_slices(mosaic)
-    codes = tuple(range(1, len(mosaic.labels) + 1))
-    georeference = Georeference.of(scene)
-    tasks = [
-        dask.delayed(_chunk_pieces)(mosaic.path, where, mosaic.shape[1], codes, georeference)
-        for where in chunks.values()
-    ]
-    pieces = dict(zip(chunks, dask.compute(*tasks)))
-    objects, piece_to_object, crossing = _join_pieces(pieces)
-    seams = Path(mosaic.path).with_name(f"{mosaic.scene_id}.seams.partial")
-    shutil.rmtree(seams, ignore_errors=True)
-    seams.mkdir(parents=True)
     try:
-        writes = [
-            dask.delayed(_write_instances)(
-                mosaic.path, where, piece_to_object[key], crossing[piece_to_object[key]], codes, seams
-            )
+        border = dict(zip(chunks, dask.compute(*[dask.delayed(_pieces)(plan, k, w) for k, w in chunks.items()])))
+        objects, object_of = _join(border)
+        buckets = max(1, len(chunks) // _CHUNKS_PER_BUCKET)
+        outlines = [
+            dask.delayed(_outlines)(
+                plan, key, where, border[key].ids, object_of[key], objects.subset(object_of[key]),
+                _halo(key, border, object_of), buckets,
+            )  # fmt: skip
             for key, where in chunks.items()
         ]
-        seam_files = [(where, path) for where, path in zip(chunks.values(), dask.compute(*writes)) if path]
-        object_ids, polygons = _polygonize_whole(mosaic.shape, seam_files, seams)
-        if sorted(object_ids) != list(np.flatnonzero(crossing)):  # 4-connected objects: one polygon each
-            raise RuntimeError(f"{mosaic.path}: seam-crossing objects and their polygons do not match one to one")
-        geometries = georeference.scene_crs(polygons).to_crs(4326).to_numpy()
-        objects.loc[object_ids - 1, "geometry"] = geometries  # the areas of their pieces add up already
+        dask.compute(*outlines)
+        for key in chunks:
+            yield pd.concat([gpd.read_parquet(p) for p in _staged_rows(staging, key)], ignore_index=True)
+        for bucket in range(buckets):
+            yield _trace_crossing(plan, objects, bucket)
     finally:
-        shutil.rmtree(seams, ignore_errors=True)
-    return _catalog_rows(objects, mosaic, scene)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _chunk_slices(mosaic: Mosaic) -> dict[tuple[int, int], tuple[slice, slice]]:
+def _chunk_slices(mosaic: Mosaic) -> dict[ChunkKey, tuple[slice, slice]]:
     """Each mosaic chunk's (row, col) position and its pixel slices: the tile cores of its grid."""
     tiles = plan_tiles(mosaic.scene_id, mosaic.shape, TileGrid(mosaic.chunk, overlap=0))
     return {(tile.row, tile.col): tile.core_window.toslices() for tile in tiles}
 
 
-def _local_components(label: np.ndarray, codes: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """4-connected components of each code, numbered 1..n across codes (codes in order)."""
+def _components(label: np.ndarray, codes: tuple[int, ...], where: tuple[slice, slice], width: int) -> Components:
+    """4-connected components of each code, numbered 1..n across codes (codes in order, then first pixel)."""
     local = np.zeros(label.shape, np.int32)
+    piece_codes, firsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     count = 0
     for code in codes:
         components, n = ndimage.label(label == code, structure=_FOUR_CONNECTED)
+        flat = components.ravel()  # scipy numbers components in the order of their first pixel
+        firsts.append(np.flatnonzero(np.diff(np.maximum.accumulate(flat), prepend=0) > 0))
         local[components > 0] = components[components > 0] + count
+        piece_codes.append(np.full(n, code, np.int64))
         count += n
-    return local, count
+    rows, cols = np.divmod(np.concatenate(firsts), label.shape[1])
+    scene_first = (where[0].start + rows) * width + where[1].start + cols
+    return Components(local, np.concatenate(piece_codes), scene_first)
 
 
-def _chunk_pieces(
-    path: str, where: tuple[slice, slice], width: int, codes: tuple[int, ...], georeference: Georeference
-) -> ChunkPieces:
-    group = zarr.open_group(path, mode="r")
-    label, score = group["label"][where], group["score"][where]
-    local, count = _local_components(label, codes)
-    ids = np.arange(1, count + 1)
-    row0, col0 = where[0].start, where[1].start
-    scene_index = np.add.outer((row0 + np.arange(label.shape[0])) * width, col0 + np.arange(label.shape[1]))
-    shapes = rasterio.features.shapes(local, mask=local > 0, connectivity=4, transform=Affine.translation(col0, row0))
-    values, found = _polygons(shapes)
-    polygons = np.empty(count, dtype=object)
-    polygons[values - 1] = found
+def _read_components(plan: MosaicPlan, where: tuple[slice, slice]) -> tuple[Components, np.ndarray]:
+    group = zarr.open_group(plan.path, mode="r")
+    return _components(group["label"][where], plan.codes, where, plan.width), group["score"][where]
 
-    in_scene_crs = georeference.scene_crs(polygons)
 
-    def per_piece(function, values, dtype) -> np.ndarray:
-        return np.asarray(function(values, local, ids) if count else [], dtype=dtype)
+def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> BorderPieces:
+    """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
+    components, score = _read_components(plan, where)
+    local, n = components.local.ravel(), components.count + 1
+    pixels = np.bincount(local, minlength=n)[1:]
+    score_sums = np.bincount(local, weights=np.nan_to_num(score).ravel(), minlength=n)[1:]
+    areas = np.bincount(local, weights=plan.georeference.pixel_areas(*where).ravel(), minlength=n)[1:]
+    border = components.border_ids()
+    inner = np.where(np.isin(components.local, border), 0, components.local)
+    ids, shapes = polygons(boundary_runs(np.pad(inner, 1), (where[0].start, where[1].start)))
+    at = ids - 1
+    rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
+    rows.to_parquet(plan.staging / f"{key[0]}_{key[1]}.inner.parquet")
+    at = border - 1
+    edge = components.local
+    return BorderPieces(
+        border, components.codes[at], pixels[at], score_sums[at], areas[at], components.first[at],
+        edge[0].copy(), edge[-1].copy(), edge[:, 0].copy(), edge[:, -1].copy(),
+    )  # fmt: skip
 
-    return ChunkPieces(
-        codes=per_piece(ndimage.maximum, label, np.int64),
-        pixels=per_piece(ndimage.sum_labels, np.ones(label.shape, np.int64), np.int64),
-        score_sums=per_piece(ndimage.sum_labels, np.nan_to_num(score), np.float64),
-        first_pixels=per_piece(ndimage.minimum, scene_index, np.int64),
-        geometries=in_scene_crs.to_crs(4326).to_numpy(),
-        areas=georeference.areas(in_scene_crs),
-        top=local[0].copy(),
-        bottom=local[-1].copy(),
-        left=local[:, 0].copy(),
-        right=local[:, -1].copy(),
+
+def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geometries) -> gpd.GeoDataFrame:
+    """Catalog rows of whole objects: ids from first pixels, polygons taken to longitude/latitude."""
+    rows, cols = np.divmod(first, plan.width)
+    labels = np.asarray(plan.labels, dtype=object)[np.asarray(codes, np.int64) - 1]
+    return gpd.GeoDataFrame(
+        {
+            "object_id": [f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)],
+            "label": labels,
+            "score": (np.asarray(score_sums) / np.maximum(pixels, 1)).astype(np.float32),
+            "pixels": np.asarray(pixels, np.int64),
+            "area_m2": np.asarray(areas, np.float64),
+        },
+        geometry=plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)),
+        crs=4326,
     )
 
 
-def _join_pieces(chunks: dict[tuple[int, int], ChunkPieces]) -> tuple[pd.DataFrame, dict, np.ndarray]:
-    """Join pieces that touch across seams into objects.
+def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
+    """Step 2: join border pieces that touch across seams into objects.
 
-    Returns one row per object (row ``i`` is object id ``i + 1``; objects of one piece already carry
-    their geometry), each chunk's local id -> object id map, and which object ids cross a seam.
+    Returns the objects and, per chunk, the object id of each of its border pieces.
     """
     bases, total = {}, 0
     for key, pieces in chunks.items():
         bases[key] = total
-        total += len(pieces.codes)
-    codes = _concat(chunks, "codes").astype(np.int64)
+        total += len(pieces.ids)
+    codes = _concat(chunks, "codes")
     edges = [_seam_edges(chunks, bases, codes, key) for key in chunks]
-    src = np.concatenate([e[0] for e in edges]) if edges else np.zeros(0, np.int64)
-    dst = np.concatenate([e[1] for e in edges]) if edges else np.zeros(0, np.int64)
+    src, dst = (np.concatenate([e[i] for e in edges]) if edges else np.zeros(0, np.int64) for i in (0, 1))
     graph = coo_matrix((np.ones(len(src)), (src, dst)), shape=(total, total))
-    n_objects, component = connected_components(graph, directed=False)
+    _, component = connected_components(graph, directed=False)
     pieces = pd.DataFrame(
         {
             "component": component,
             "code": codes,
             "pixels": _concat(chunks, "pixels"),
             "score_sum": _concat(chunks, "score_sums"),
-            "first_pixel": _concat(chunks, "first_pixels"),
             "area": _concat(chunks, "areas"),
-            "geometry": _concat(chunks, "geometries"),
+            "first": _concat(chunks, "first"),
         }
     )
     grouped = pieces.groupby("component")
-    sums = ("pixels", "score_sum", "area")  # additive over an object's disjoint pieces
-    objects = grouped.agg(code=("code", "first"), **{name: (name, "sum") for name in sums})
-    objects["first_pixel"] = grouped["first_pixel"].min()
-    objects["geometry"] = grouped["geometry"].first()
-    crossing_components = grouped.size().to_numpy() > 1
-    objects.loc[crossing_components, "geometry"] = None  # polygonised whole later
-    objects = objects.sort_values("first_pixel")
-    object_id = np.zeros(n_objects, np.uint32)  # component -> object id, numbered in first-pixel order
-    object_id[objects.index.to_numpy()] = np.arange(1, n_objects + 1)
-    crossing = np.zeros(n_objects + 1, bool)  # by object id; id 0 (no object) never crosses
-    crossing[object_id[crossing_components]] = True
-    piece_to_object = {
-        key: np.concatenate(([0], object_id[component[base : base + len(chunks[key].codes)]])).astype(np.uint32)
-        for key, base in bases.items()
-    }
-    return objects.reset_index(drop=True), piece_to_object, crossing
+    objects = grouped.agg(
+        code=("code", "first"), pixels=("pixels", "sum"), score_sum=("score_sum", "sum"), area=("area", "sum"),
+        first=("first", "min"), pieces=("code", "size"),
+    ).sort_values("first")  # fmt: skip
+    object_id = np.zeros(len(objects), np.int64)
+    object_id[objects.index.to_numpy()] = objects["first"].to_numpy() + 1
+    table = ObjectTable(
+        objects["first"].to_numpy() + 1, objects["code"].to_numpy(), objects["pixels"].to_numpy(),
+        objects["score_sum"].to_numpy(), objects["area"].to_numpy(), objects["pieces"].to_numpy() > 1,
+    )  # fmt: skip
+    object_of = {key: object_id[component[base : base + len(chunks[key].ids)]] for key, base in bases.items()}
+    return table, object_of
 
 
 def _seam_edges(chunks, bases, codes, key) -> tuple[np.ndarray, np.ndarray]:
@@ -235,8 +326,8 @@ def _seam_edges(chunks, bases, codes, key) -> tuple[np.ndarray, np.ndarray]:
             continue
         other = getattr(chunks[neighbour], theirs)
         touching = (mine > 0) & (other > 0)
-        a = bases[key] + mine[touching].astype(np.int64) - 1
-        b = bases[neighbour] + other[touching].astype(np.int64) - 1
+        a = bases[key] + np.searchsorted(here.ids, mine[touching])
+        b = bases[neighbour] + np.searchsorted(chunks[neighbour].ids, other[touching])
         same = codes[a] == codes[b]
         pairs.append((a[same], b[same]))
     if not pairs:
@@ -244,93 +335,56 @@ def _seam_edges(chunks, bases, codes, key) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
-def _concat(chunks: dict[tuple[int, int], ChunkPieces], field: str) -> np.ndarray:
+def _concat(chunks: dict[ChunkKey, BorderPieces], field: str) -> np.ndarray:
     arrays = [getattr(p, field) for p in chunks.values()]
-    return np.concatenate(arrays) if arrays else np.zeros(0)
+    return np.concatenate(arrays).astype(np.float64 if field in ("score_sums", "areas") else np.int64)
 
 
-def _write_instances(
-    path: str, where: tuple[slice, slice], local_to_object: np.ndarray, local_crossing: np.ndarray, codes, seams: Path
-) -> Path | None:
-    """Write a chunk's object ids into ``instance``; put those of seam-crossing objects in a GeoTIFF too.
+def _halo(key: ChunkKey, border: dict[ChunkKey, BorderPieces], object_of: dict[ChunkKey, np.ndarray]):
+    """Object ids of the pixels just outside chunk ``key`` (top, bottom, left, right; None at the scene edge)."""
+    i, j = key
 
-    Local component numbers are recomputed (they are deterministic). Returns the GeoTIFF's path, or None
-    when no object of this chunk crosses a seam.
-    """
-    group = zarr.open_group(path, mode="r+")
-    local, _ = _local_components(group["label"][where], codes)
-    instance = local_to_object[local]
-    group["instance"][where] = instance
-    if not local_crossing[1:].any():
-        return None
-    seam_ids = np.where(local_crossing[local], instance, 0).astype(np.int32)  # GDAL polygonises int32
-    target = seams / f"{where[0].start}_{where[1].start}.tif"
-    height, width = seam_ids.shape
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "int32"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates on purpose
-        with rasterio.open(target, "w", **profile, compress="deflate", tiled=True) as dst:
-            dst.write(seam_ids, 1)
-    return target
+    def strip(neighbour: ChunkKey, side: str) -> np.ndarray | None:
+        if neighbour not in border:
+            return None
+        pieces = border[neighbour]
+        local = getattr(pieces, side)
+        ids = np.zeros(len(local), np.int64)
+        ids[local > 0] = object_of[neighbour][np.searchsorted(pieces.ids, local[local > 0])]
+        return ids
+
+    return (strip((i - 1, j), "bottom"), strip((i + 1, j), "top"), strip((i, j - 1), "right"), strip((i, j + 1), "left"))
 
 
-def _polygonize_whole(
-    shape: tuple[int, int], parts: list[tuple[tuple[slice, slice], Path]], folder: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """Object ids and polygons (scene pixel coordinates) of the seam-crossing objects in ``parts``.
-
-    A VRT lays the chunk GeoTIFFs out on the scene grid (chunks without any stay empty); GDAL's
-    polygoniser reads it row by row. Band 2 is the same pixels as bytes, GDAL's validity mask.
-    """
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, dtype=object)
-    sources = "".join(
-        f'<SimpleSource><SourceFilename relativeToVRT="1">{path.name}</SourceFilename><SourceBand>1</SourceBand>'
-        f'<SrcRect xOff="0" yOff="0" xSize="{cols.stop - cols.start}" ySize="{rows.stop - rows.start}"/>'
-        f'<DstRect xOff="{cols.start}" yOff="{rows.start}" xSize="{cols.stop - cols.start}" '
-        f'ySize="{rows.stop - rows.start}"/></SimpleSource>'
-        for (rows, cols), path in parts
-    )
-    bands = "".join(
-        f'<VRTRasterBand dataType="{dtype}" band="{band}">{sources}</VRTRasterBand>'
-        for band, dtype in ((1, "Int32"), (2, "Byte"))
-    )
-    vrt = folder / "seams.vrt"
-    vrt.write_text(f'<VRTDataset rasterXSize="{shape[1]}" rasterYSize="{shape[0]}">{bands}</VRTDataset>')
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(vrt) as dataset:
-            ids, mask = Band(dataset, 1, "int32", dataset.shape), Band(dataset, 2, "uint8", dataset.shape)
-            return _polygons(rasterio.features.shapes(ids, mask=mask, connectivity=4))
+def _outlines(plan: MosaicPlan, key, where, border_ids, border_objects, objects: ObjectTable, halo, buckets: int) -> None:
+    """Step 3: write the chunk's ``instance`` ids; polygonise its border objects, or stage their runs."""
+    components, _ = _read_components(plan, where)
+    object_of_local = np.concatenate(([0], components.first + 1))
+    object_of_local[border_ids] = border_objects
+    zarr.open_group(plan.path, mode="r+")["instance"][where] = object_of_local[components.local].astype(np.uint64)
+    on_border = np.zeros(components.count + 1, np.int64)
+    on_border[border_ids] = border_objects
+    padded = np.pad(on_border[components.local], 1)
+    for (index, side), values in zip(((0, np.s_[1:-1]), (-1, np.s_[1:-1]), (np.s_[1:-1], 0), (np.s_[1:-1], -1)), halo):
+        if values is not None:
+            padded[index, side] = values
+    runs = boundary_runs(padded, (where[0].start, where[1].start))
+    crossing = objects.crossing[np.searchsorted(objects.ids, runs.ids)]
+    ids, shapes = polygons(runs.select(~crossing))
+    objects.rows(plan, ids, shapes).to_parquet(plan.staging / f"{key[0]}_{key[1]}.border.parquet")
+    across = runs.select(crossing)
+    table = pd.DataFrame({name: getattr(across, name) for name in Runs.__slots__})
+    table["bucket"] = (across.ids % buckets).astype(np.int32)
+    table.to_parquet(plan.staging / "runs" / f"{key[0]}_{key[1]}.parquet", index=False)
 
 
-def _polygons(shapes: Iterable[tuple[dict, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """The values and shapely polygons of ``rasterio.features.shapes`` output, built in one vectorised call."""
-    values, rings, ring_counts = [], [], []
-    for geometry, value in shapes:
-        values.append(value)
-        rings.extend(geometry["coordinates"])
-        ring_counts.append(len(geometry["coordinates"]))
-    if not values:
-        return np.zeros(0, np.int64), np.zeros(0, dtype=object)
-    coordinates = np.array(list(itertools.chain.from_iterable(rings)), dtype=np.float64)
-    ring_offsets = np.concatenate(([0], np.cumsum([len(ring) for ring in rings])))
-    polygon_offsets = np.concatenate(([0], np.cumsum(ring_counts)))
-    polygons = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coordinates, (ring_offsets, polygon_offsets))
-    return np.asarray(values, np.int64), polygons
+def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
+    return [staging / f"{key[0]}_{key[1]}.{part}.parquet" for part in ("inner", "border")]
 
 
-def _catalog_rows(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.GeoDataFrame:
-    rows, cols = np.divmod(objects["first_pixel"].to_numpy(np.int64), mosaic.shape[1])
-    labels = np.asarray(mosaic.labels, dtype=object)[objects["code"].to_numpy(np.int64) - 1]
-    return gpd.GeoDataFrame(
-        {
-            "object_id": [f"{scene.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)],
-            "label": labels,
-            "score": (objects["score_sum"] / objects["pixels"]).to_numpy(np.float32),
-            "pixels": objects["pixels"].to_numpy(np.int64),
-            "area_m2": objects["area"].to_numpy(np.float64),
-        },
-        geometry=objects["geometry"].to_numpy(),
-        crs=4326,
-    )
+def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> gpd.GeoDataFrame:
+    """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons."""
+    table = pq.read_table(plan.staging / "runs", filters=[("bucket", "=", bucket)])
+    runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__))
+    ids, shapes = polygons(runs)
+    return objects.rows(plan, ids, shapes)
