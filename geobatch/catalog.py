@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pyproj
 import shapely
 from geopandas.io.arrow import _geopandas_to_arrow  # the Arrow table to_parquet writes, batch by batch
 
@@ -60,40 +61,48 @@ def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, row_group_size: 
 
     Written beside its final name and moved into place, so readers never see half a file.
     """
-    stream = GeoParquetStream(path, row_group_size, buffer_rows=max(len(frame), 1))
-    stream.write(frame)
+    stream = GeoParquetStream(path, row_group_size)
+    stream.write(geoparquet_table(frame))
     return stream.close()
 
 
-class GeoParquetStream:
-    """One GeoParquet 1.1 file written from batches of rows, holding at most ``buffer_rows`` of them.
+def geoparquet_table(frame: gpd.GeoDataFrame) -> pa.Table:
+    """``frame`` as GeoParquet rows in Arrow (EPSG:4326 WKB ``geometry``, ``bbox`` struct), Hilbert-sorted."""
+    frame = _finite(frame.to_crs(4326))
+    table = _geopandas_to_arrow(frame.iloc[_spatial_order(frame)], index=False, write_covering_bbox=True)
+    return table.replace_schema_metadata()  # the file's own geo metadata is written at close
 
-    Each full buffer is Hilbert-sorted and written as row groups, so row groups stay spatially compact
-    when batches arrive in spatial order (a mosaic's chunks). The file-level ``geo`` metadata (bounding
-    box, geometry types) is only known at the end, so it goes into the Parquet footer when the file is
-    closed, and the Arrow schema is not stored (it would carry a stale copy).
+
+class GeoParquetStream:
+    """One GeoParquet 1.1 file written from Arrow batches of rows, a row group at a time.
+
+    Rows are stored in the order they come (producers sort them: a mosaic's chunks arrive in row-major
+    order, each Hilbert-sorted), so memory holds at most one row group. The file-level ``geo`` metadata
+    (bounding box, geometry types) is known only at the end: it goes into the Parquet footer at close,
+    and the Arrow schema is not stored (it would carry a stale copy).
     """
 
-    def __init__(self, path: str | Path, row_group_size: int | None = None, buffer_rows: int = 16 * ROW_GROUP_ROWS):
+    def __init__(self, path: str | Path, row_group_size: int | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.row_group_size = row_group_size or ROW_GROUP_ROWS
-        self.buffer_rows = buffer_rows
-        self._buffer: list[gpd.GeoDataFrame] = []
+        self._buffer: list[pa.Table] = []
         self._writer: pq.ParquetWriter | None = None
-        self._geo: dict | None = None
+        self._bounds = np.array([np.inf, np.inf, -np.inf, -np.inf])
+        self._types: set[str] = set()
 
-    def write(self, frame: gpd.GeoDataFrame) -> None:
-        self._buffer.append(frame)
-        if sum(len(f) for f in self._buffer) >= self.buffer_rows:
+    def write(self, table: pa.Table) -> None:
+        """Append rows with WKB ``geometry`` and a ``bbox`` struct column (see :func:`geoparquet_table`)."""
+        self._buffer.append(table)
+        if sum(len(t) for t in self._buffer) >= self.row_group_size:
             self._flush()
 
     def close(self) -> Path:
         """Finish the file and move it into place; returns its path."""
-        if self._writer is None and not self._buffer:
-            self._buffer = [gpd.GeoDataFrame(geometry=[], crs=4326)]
-        self._flush(allow_empty=self._writer is None)  # no rows at all: a file with the columns seen
-        self._writer.add_key_value_metadata({"geo": json.dumps(self._geo)})
+        self._flush(final=True)
+        if self._writer is None:
+            raise ValueError(f"{self.path}: nothing was written, not even an empty table")
+        self._writer.add_key_value_metadata({"geo": json.dumps(self._geo())})
         self._writer.close()
         os.replace(self.partial, self.path)
         return self.path
@@ -103,55 +112,93 @@ class GeoParquetStream:
             self._writer.close()
         self.partial.unlink(missing_ok=True)
 
-    def _flush(self, allow_empty: bool = False) -> None:
-        frames, self._buffer = self._buffer, []
-        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else None)
-        if frame is None or (not len(frame) and not allow_empty):
+    def _flush(self, final: bool = False) -> None:
+        """Write the buffered rows as whole row groups (and the rest too when ``final``)."""
+        if not self._buffer:
             return
-        frame = _finite(gpd.GeoDataFrame(frame).to_crs(4326))
-        table = _geopandas_to_arrow(
-            frame.iloc[_spatial_order(frame)], index=False, schema_version="1.1.0", write_covering_bbox=True
-        )
-        geo = json.loads(table.schema.metadata[b"geo"])
+        table = pa.concat_tables(self._buffer, promote_options="permissive")
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            schema = table.schema.remove_metadata()
-            self._writer = pq.ParquetWriter(self.partial, schema, compression="zstd", store_schema=False)
-            self._geo = geo
-        else:
-            self._geo = _merged_geo(self._geo, geo)
-        self._writer.write_table(table.cast(self._writer.schema), row_group_size=self.row_group_size)
+            self._writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd", store_schema=False)
+        whole = len(table) if final else len(table) - len(table) % self.row_group_size
+        if whole:
+            rows = table.slice(0, whole).cast(self._writer.schema)
+            self._track(rows)
+            self._writer.write_table(rows, row_group_size=self.row_group_size)
+        self._buffer = [table.slice(whole)] if whole < len(table) else []
+
+    def _track(self, rows: pa.Table) -> None:
+        """Keep the file's bounding box and the geometry types seen (from each WKB's type code)."""
+        boxes = rows.column("bbox").combine_chunks()
+        low = [pc.min(boxes.field(name)).as_py() for name in ("xmin", "ymin")]
+        high = [pc.max(boxes.field(name)).as_py() for name in ("xmax", "ymax")]
+        for i, value in enumerate([*low, *high]):
+            if value is not None:
+                self._bounds[i] = min(self._bounds[i], value) if i < 2 else max(self._bounds[i], value)
+        codes = pc.unique(pc.binary_slice(rows.column("geometry").combine_chunks(), 0, 5)).to_pylist()
+        self._types |= {_WKB_TYPES[_wkb_type(header)] for header in codes if header is not None}
+
+    def _geo(self) -> dict:
+        column = {
+            "encoding": "WKB",
+            "crs": _WGS84.to_json_dict(),
+            "geometry_types": sorted(self._types),
+            "covering": {"bbox": {name: ["bbox", name] for name in ("xmin", "ymin", "xmax", "ymax")}},
+        }
+        if np.isfinite(self._bounds).all():
+            column["bbox"] = self._bounds.tolist()
+        return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
 
 
-def _merged_geo(first: dict, second: dict) -> dict:
-    """GeoParquet ``geo`` metadata covering the rows of both (bounding box and geometry types)."""
-    merged = json.loads(json.dumps(first))
-    column, other = merged["columns"]["geometry"], second["columns"]["geometry"]
-    column["geometry_types"] = sorted(set(column["geometry_types"]) | set(other["geometry_types"]))
-    boxes = [box for box in (column.get("bbox"), other.get("bbox")) if box]
-    if boxes:
-        column["bbox"] = [*np.min([b[:2] for b in boxes], axis=0), *np.max([b[2:] for b in boxes], axis=0)]
-    return merged
+_WGS84 = pyproj.CRS.from_epsg(4326)
+_WKB_TYPES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString", 6: "MultiPolygon",
+              7: "GeometryCollection"}  # fmt: skip
+
+
+def _wkb_type(header: bytes) -> int:
+    """The 2D geometry type of a WKB value from its byte order and type code (ISO Z/M codes add 1000s)."""
+    return int.from_bytes(header[1:5], "little" if header[0] == 1 else "big") % 1000
+
+
+def scene_object_columns(
+    rows: pa.Table, scene_id: str, acquired_at: dt.datetime | None, run_id: str, model: str, phrases: dict[str, str]
+) -> pa.Table:
+    """A scene's object rows (``object_id``, ``label``, ``score``, ``pixels``, ``area_m2``, ``geometry``,
+    ``bbox``) with the catalog's other columns, in the catalog's column order."""
+    n = len(rows)
+    labels = rows.column("label").to_pylist()
+    columns = {
+        "scene_id": pa.array([scene_id] * n, pa.string()),
+        "phrase": pa.array([phrases.get(label) for label in labels], pa.string()),
+        "acquired_at": pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "model": pa.array([model] * n, pa.string()),
+    }
+    return pa.table({name: columns[name] if name in columns else rows.column(name) for name in (*OBJECT_COLUMNS, "geometry", "bbox")})
 
 
 def write_scene_objects(
-    output: str | Path, objects: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame], run_id: str, scene_id: str
+    output: str | Path, objects: gpd.GeoDataFrame | Iterable[pa.Table], run_id: str, scene_id: str
 ) -> list[Path]:
     """Write one scene's objects of one run into the label / month folders, replacing that pair's files.
 
-    ``objects`` may be batches (a mosaic's chunks, in spatial order): each label / month file is streamed,
-    so memory holds a buffer of rows per file, not the scene.
+    ``objects`` is a GeoDataFrame, or Arrow batches of catalog rows in the order to store them (a
+    mosaic's chunks): each label / month file is then streamed, and memory holds a row group per file.
     """
     root = Path(output) / "catalog" / "objects"
     for stale in run_object_files(output, run_id, scene_id):
         stale.unlink()
     streams: dict[tuple[str, str], GeoParquetStream] = {}
     try:
-        for batch in [objects] if isinstance(objects, gpd.GeoDataFrame) else objects:
-            for (label, month), part in batch.groupby([batch["label"], _months(batch["acquired_at"])], sort=True):
+        for batch in [geoparquet_table(objects)] if isinstance(objects, gpd.GeoDataFrame) else objects:
+            months = pc.fill_null(pc.strftime(batch.column("acquired_at"), "%Y-%m"), UNDATED)
+            keys = pa.table({"label": batch.column("label"), "month": months})
+            for pair in keys.group_by(["label", "month"]).aggregate([]).to_pylist():
+                label, month = pair["label"], pair["month"]
+                mask = pc.and_(pc.equal(keys.column("label"), label), pc.equal(months, month))
                 if (label, month) not in streams:
                     streams[label, month] = GeoParquetStream(root / label / month / f"{run_id}_{scene_id}.parquet")
-                streams[label, month].write(part)
+                streams[label, month].write(batch.filter(mask))
         return [streams[key].close() for key in sorted(streams)]
     except BaseException:
         for stream in streams.values():

@@ -25,6 +25,7 @@ from pathlib import Path
 import dask
 import geopandas as gpd
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import shapely
@@ -75,6 +76,7 @@ class RunSummary:
     tables: dict[str, Path] = field(default_factory=dict)
     tiles_inferred: int = 0  # tiles sent to the model by this invocation (not those finished before it)
     resumed: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # inference; vectorising, overviews, catalog
 
     @property
     def failed(self) -> bool:
@@ -134,9 +136,11 @@ def run_job(
                 ledger.record_tile(outcome)  # durable before anything else looks at it
                 if on_tile:
                     on_tile(outcome)
+        finishing = time.perf_counter()
         with dask.config.set(scheduler=ray_dask_get):
             for scene in active:
                 finished[scene.scene_id] = _finish_scene(scene, mosaics[scene.scene_id], grid, ledger, spec, prompts)
+        finishing = time.perf_counter() - finishing
 
     scene_outcomes = [finished[s.scene_id] for s in scenes]
     scene_outcomes += [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
@@ -159,6 +163,7 @@ def run_job(
         tables=tables,
         tiles_inferred=report.tiles if report else 0,
         resumed=ledger.resumed,
+        phase_seconds={"inference": report.seconds if report else 0.0, "vectorize_and_catalog": finishing},
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
     ledger.close()
@@ -256,19 +261,10 @@ def _finish_scene(
     return outcome
 
 
-def _catalogue_objects(
-    objects: gpd.GeoDataFrame, scene: Scene, spec: JobSpec, run_id: str, prompts: list[Prompt]
-) -> gpd.GeoDataFrame:
-    """A scene's objects with every catalog column."""
-    objects = objects.assign(
-        scene_id=scene.scene_id,
-        phrase=objects["label"].map({p.label: p.text for p in prompts}),
-        acquired_at=pd.Timestamp(scene.acquired_at) if scene.acquired_at else pd.NaT,
-        run_id=run_id,
-        model=spec.model.name,
-    )
-    objects["acquired_at"] = pd.to_datetime(objects["acquired_at"], utc=True)
-    return objects[[*catalog.OBJECT_COLUMNS, "geometry"]]
+def _catalogue_objects(rows: pa.Table, scene: Scene, spec: JobSpec, run_id: str, prompts: list[Prompt]) -> pa.Table:
+    """A batch of a scene's objects with every catalog column."""
+    phrases = {p.label: p.text for p in prompts}
+    return catalog.scene_object_columns(rows, scene.scene_id, scene.acquired_at, run_id, spec.model.name, phrases)
 
 
 def _label_counts(output: Path, run_id: str) -> dict[str, int]:
@@ -350,6 +346,7 @@ def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | No
         "job": summary.job,
         "resumed": summary.resumed,
         "seconds": round(summary.seconds, 3),
+        "phase_seconds": {name: round(seconds, 3) for name, seconds in summary.phase_seconds.items()},
         "tiles": dict(summary.tiles),
         "tiles_inferred": summary.tiles_inferred,
         "scenes": [dataclasses.asdict(s) for s in summary.scenes],

@@ -33,6 +33,7 @@ import dask
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pyproj
 import shapely
@@ -174,17 +175,18 @@ class ObjectTable:
         at = np.searchsorted(self.ids, np.unique(ids))
         return ObjectTable(*(getattr(self, name)[at] for name in ObjectTable.__slots__))
 
-    def rows(self, plan: MosaicPlan, ids: np.ndarray, geometries: np.ndarray) -> gpd.GeoDataFrame:
+    def rows(self, plan: MosaicPlan, ids: np.ndarray, geometries: np.ndarray) -> pa.Table:
         at = np.searchsorted(self.ids, ids)
         return _rows(plan, ids - 1, self.codes[at], self.pixels[at], self.score_sums[at], self.areas[at], geometries)
 
 
-def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[gpd.GeoDataFrame]:
-    """Polygons of every labelled object of ``mosaic`` in EPSG:4326, a chunk at a time; writes its ``instance`` array.
+def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[pa.Table]:
+    """Every labelled object of ``mosaic`` as catalog rows, a chunk at a time; writes its ``instance`` array.
 
-    Columns: ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2`` (ellipsoidal),
-    ``geometry``. Runs on the current Dask scheduler; each task opens the store by path itself.
-    Staged files live beside the mosaic until the last batch has been taken.
+    Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
+    (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
+    row-major chunk order, then the seam-crossing objects. Runs on the current Dask scheduler; each task
+    opens the store by path itself. Staged files live beside the mosaic until the last batch is taken.
     """
     staging = Path(mosaic.path).with_name(f"{mosaic.scene_id}.vectors.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -204,7 +206,7 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[gpd.GeoDataFrame]:
         ]
         dask.compute(*outlines)
         for key in chunks:
-            yield pd.concat([gpd.read_parquet(p) for p in _staged_rows(staging, key)], ignore_index=True)
+            yield pa.concat_tables([pq.read_table(p) for p in _staged_rows(staging, key)])
         for bucket in range(buckets):
             yield _trace_crossing(plan, objects, bucket)
     finally:
@@ -251,7 +253,7 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> Bord
     ids, shapes = polygons(boundary_runs(np.pad(inner, 1), (where[0].start, where[1].start)))
     at = ids - 1
     rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
-    rows.to_parquet(plan.staging / f"{key[0]}_{key[1]}.inner.parquet")
+    pq.write_table(rows, plan.staging / f"{key[0]}_{key[1]}.inner.parquet")
     at = border - 1
     edge = components.local
     return BorderPieces(
@@ -260,21 +262,23 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> Bord
     )  # fmt: skip
 
 
-def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geometries) -> gpd.GeoDataFrame:
-    """Catalog rows of whole objects: ids from first pixels, polygons taken to longitude/latitude."""
+def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geometries) -> pa.Table:
+    """Catalog rows of whole objects, Hilbert-sorted: ids from first pixels, polygons in longitude/latitude."""
     rows, cols = np.divmod(first, plan.width)
     labels = np.asarray(plan.labels, dtype=object)[np.asarray(codes, np.int64) - 1]
-    return gpd.GeoDataFrame(
-        {
-            "object_id": [f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)],
-            "label": labels,
-            "score": (np.asarray(score_sums) / np.maximum(pixels, 1)).astype(np.float32),
-            "pixels": np.asarray(pixels, np.int64),
-            "area_m2": np.asarray(areas, np.float64),
-        },
-        geometry=plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)),
-        crs=4326,
-    )
+    geometries = gpd.GeoSeries(plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)))
+    order = np.argsort(geometries.hilbert_distance().to_numpy(), kind="stable") if len(geometries) else np.zeros(0, np.int64)
+    bounds = geometries.bounds.to_numpy()[order].T
+    columns = {
+        "object_id": pa.array([f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], pa.string()),
+        "label": pa.array(labels, pa.string()),
+        "score": pa.array(np.asarray(score_sums) / np.maximum(pixels, 1), pa.float32()),
+        "pixels": pa.array(pixels, pa.int64()),
+        "area_m2": pa.array(areas, pa.float64()),
+        "geometry": pa.array(shapely.to_wkb(geometries.to_numpy()), pa.binary()),
+        "bbox": pa.StructArray.from_arrays([pa.array(b, pa.float64()) for b in bounds], ["xmin", "ymin", "xmax", "ymax"]),
+    }
+    return pa.table({name: column if name == "bbox" else column.take(order) for name, column in columns.items()})
 
 
 def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
@@ -371,18 +375,17 @@ def _outlines(plan: MosaicPlan, key, where, border_ids, border_objects, objects:
     runs = boundary_runs(padded, (where[0].start, where[1].start))
     crossing = objects.crossing[np.searchsorted(objects.ids, runs.ids)]
     ids, shapes = polygons(runs.select(~crossing))
-    objects.rows(plan, ids, shapes).to_parquet(plan.staging / f"{key[0]}_{key[1]}.border.parquet")
+    pq.write_table(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.parquet")
     across = runs.select(crossing)
-    table = pd.DataFrame({name: getattr(across, name) for name in Runs.__slots__})
-    table["bucket"] = (across.ids % buckets).astype(np.int32)
-    table.to_parquet(plan.staging / "runs" / f"{key[0]}_{key[1]}.parquet", index=False)
+    columns = {name: getattr(across, name) for name in Runs.__slots__} | {"bucket": (across.ids % buckets).astype(np.int32)}
+    pq.write_table(pa.table(columns), plan.staging / "runs" / f"{key[0]}_{key[1]}.parquet")
 
 
 def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
     return [staging / f"{key[0]}_{key[1]}.{part}.parquet" for part in ("inner", "border")]
 
 
-def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> gpd.GeoDataFrame:
+def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> pa.Table:
     """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons."""
     table = pq.read_table(plan.staging / "runs", filters=[("bucket", "=", bucket)])
     runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__))
