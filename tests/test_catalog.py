@@ -1,9 +1,12 @@
 """The catalog analysts query: partitioned GeoParquet, pruned queries equal to brute force, stats, SQL, exports."""
 
+import json
+
 import _duckdb
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pyogrio
 import pytest
 import shapely
@@ -214,3 +217,21 @@ def test_rewriting_a_scene_of_a_run_replaces_its_files(tmp_path):
     write_catalog(tmp_path, objects)
     write_catalog(tmp_path, objects[objects.label == "water"])  # a rerun that found only water
     assert set(catalog.open(tmp_path).query().label) == {"water"}
+
+
+def test_a_scene_written_in_batches_streams_row_groups_with_exact_file_metadata(tmp_path):
+    objects = random_objects(seed=5, count=10_000)
+    objects["scene_id"], objects["acquired_at"] = "s1", pd.Timestamp("2020-05-03", tz="UTC")
+    objects.loc[::7, "geometry"] = objects.geometry[::7].buffer(0.001).union(objects.geometry[::7].translate(0.1))
+    batches = [catalog.geoparquet_table(objects.iloc[i : i + 1000]) for i in range(0, len(objects), 1000)]
+    paths = catalog.write_scene_objects(tmp_path, iter(batches), "run1", "s1")
+    assert {p.parent.parent.name for p in paths} == set(LABELS) and all(p.parent.name == "2020-05" for p in paths)
+    back = pd.concat([gpd.read_parquet(p) for p in paths], ignore_index=True)
+    assert sorted(back["object_id"]) == sorted(objects["object_id"])
+    for path in paths:
+        part = gpd.read_parquet(path)
+        geo = json.loads(pq.read_schema(path).metadata[b"geo"])["columns"]["geometry"]
+        assert np.allclose(geo["bbox"], part.total_bounds)
+        assert geo["geometry_types"] == sorted(set(part.geom_type))
+        metadata = pq.ParquetFile(path).metadata
+        assert metadata.num_row_groups == -(-len(part) // catalog.ROW_GROUP_ROWS)  # whole groups as rows arrive
