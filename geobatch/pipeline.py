@@ -123,7 +123,7 @@ def run_job(
         count = {s.scene_id: math.prod(grid.layout(s.shape)) for s in scenes}
         total_tiles(sum(count.values()), sum(count[s] for s in finished) + len(skip))
     work = (
-        TileWork(s, t, mosaics[s.scene_id])
+        TileWork(s.reaching(t.read_window) if isinstance(s, Region) else s, t, mosaics[s.scene_id])
         for s in active
         for t in plan_tiles(s.scene_id, s.shape, grid)
         if t.tile_id not in skip

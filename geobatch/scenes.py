@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -154,6 +154,11 @@ class Region:
     def shape(self) -> tuple[int, int]:
         return self.geobox.shape.yx
 
+    def reaching(self, window: Window) -> Region:
+        """The region with only the sources that reach ``window``: what a tile's work needs to carry."""
+        extent = self.geobox[window.toslices()].extent
+        return replace(self, sources=tuple(s for s in self.sources if s.footprint.intersects(extent)))
+
 
 SceneLike = Scene | Region  # what a mosaic is made of: one scene, or a region composed of several
 
@@ -264,11 +269,9 @@ class SceneReader:
         target = region.geobox[window.toslices()]
         values = {name: np.zeros(target.shape.yx, np.float32) for name in bands}
         valid = np.zeros(target.shape.yx, bool)
-        for source in region.sources:
+        for source in region.reaching(window).sources:
             if valid.all():
                 break
-            if not source.footprint.intersects(target.extent):
-                continue
             piece = self._read_on_grid(source, target, bands)
             fill = piece.valid & ~valid
             for name in bands:

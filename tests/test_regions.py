@@ -1,17 +1,22 @@
 """Regional mosaics: scenes of any grid composited onto one regional grid, newest first, objects once."""
 
+import datetime as dt
+
 import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
 import shapely
 from conftest import NAIP_2010, NAIP_BANDS, SHARED_DATA, open_mosaic, write_job
+from odc.geo.geom import Geometry
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from rasterio.windows import Window
 
 from geobatch.errors import JobSpecError
-from geobatch.jobs import load_job
+from geobatch.jobs import RegionSpec, load_job
 from geobatch.pipeline import run_job
+from geobatch.regions import make_region, region_grid
+from geobatch.scenes import BandSource, SceneRef, open_scene
 from geobatch.stitch import LABEL_NODATA
 
 RGB_BYTE = SHARED_DATA / "samples" / "RGB.byte.tif"
@@ -195,3 +200,31 @@ def test_a_bad_region_field_is_named(tmp_path, region, field_name):
     with pytest.raises(JobSpecError) as caught:
         load_job(write_job(tmp_path / "job.yaml", region=block))
     assert f"field '{field_name}" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def open_pieces(*dates):
+    """The four RGB.byte pieces as opened scenes, dated ``dates`` (None: undated)."""
+    refs = [SceneRef(p.stem, str(p), date, {"nir": BandSource(str(p), 1)}, str(p)) for p, date in zip(PIECES, dates)]
+    return [open_scene(ref, ["green", "nir"]) for ref in refs]
+
+
+def test_sources_are_ordered_newest_first_undated_last_equal_dates_in_job_order():
+    day = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    scenes = open_pieces(None, day, day + dt.timedelta(days=1), day)
+    region = make_region(RegionSpec(**region_of(RGB_BYTE)), scenes)
+    assert [s.scene.scene_id for s in region.sources] == ["rgb3", "rgb2", "rgb4", "rgb1"]
+    assert region.acquired_at == day + dt.timedelta(days=1)
+
+
+def test_a_tile_carries_only_the_sources_reaching_it():
+    region = make_region(RegionSpec(**region_of(RGB_BYTE)), open_pieces(None, None, None, None))
+    assert [s.scene.scene_id for s in region.reaching(Window(0, 0, 100, 100)).sources] == ["rgb1"]
+    assert len(region.reaching(Window(350, 350, 100, 100)).sources) == 4
+
+
+def test_region_bounds_may_be_given_in_another_crs():
+    spec = RegionSpec(name="r", crs="EPSG:32618", resolution=300, bounds=[-77, 24, -76, 25], bounds_crs="EPSG:4326")
+    grid = region_grid(spec)
+    corners = Geometry(shapely.box(-77, 24, -76, 25), "EPSG:4326").to_crs("EPSG:32618")
+    assert grid.extent.contains(corners) and grid.resolution.xy == (300, -300)
+    assert grid.extent.area < corners.area * 1.5  # covers the box, not the world
