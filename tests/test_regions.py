@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-from conftest import NAIP_2010, NAIP_BANDS, SHARED_DATA, open_mosaic, write_job
+from conftest import NAIP_2010, NAIP_BANDS, REPO, SHARED_DATA, open_mosaic, write_job
 from odc.geo.geom import Geometry
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from rasterio.windows import Window
 
 from geobatch.errors import JobSpecError
 from geobatch.jobs import RegionSpec, load_job
+from geobatch.ledger import job_fingerprint
 from geobatch.pipeline import run_job
 from geobatch.regions import make_region, region_grid
 from geobatch.scenes import BandSource, SceneRef, open_scene
@@ -84,6 +85,21 @@ def test_every_source_is_listed_with_the_region(pieces_and_whole):
     assert table.loc["rgb", "tiles_done"] > 0 and table.loc["rgb1", "tiles_done"] == 0
     # the region's objects carry its newest source's date
     assert (objects_of(pieces).acquired_at == table.loc["rgb4", "acquired_at"]).all()
+
+
+def test_rerunning_a_region_job_resumes_it_and_infers_nothing(pieces_and_whole):
+    _, pieces = pieces_and_whole
+    again = run_job(load_job(pieces.output.parent / "pieces.yaml"))
+    assert again.resumed and again.run_id == pieces.run_id and again.tiles_inferred == 0
+    assert again.scenes == pieces.scenes and len(objects_of(again)) == len(objects_of(pieces))
+
+
+def test_the_region_decides_the_run():
+    spec = load_job(REPO / "jobs" / "example.yaml")
+    region = RegionSpec(**region_of(NAIP_2010))
+    with_region = spec.model_copy(update={"region": region})
+    renamed = spec.model_copy(update={"region": region.model_copy(update={"name": "other"})})
+    assert len({job_fingerprint(spec), job_fingerprint(with_region), job_fingerprint(renamed)}) == 3
 
 
 def crop(source, target, window, **profile_changes):
