@@ -153,7 +153,8 @@ class RegionSpec(_Frozen):
 
     The grid is ``crs`` with pixels of ``resolution`` (CRS units; one number, or ``[x, y]``) anchored at the
     top-left corner of ``bounds`` (``[xmin, ymin, xmax, ymax]`` in ``bounds_crs``, the region's CRS unless
-    given). ``overlap`` is the rule where scenes overlap: ``newest`` - the newest acquisition wins a
+    given); with ``snap``, pixel edges fall on multiples of the resolution instead, a standard grid that
+    every region of that CRS and resolution shares. ``overlap`` is the rule where scenes overlap: ``newest`` - the newest acquisition wins a
     pixel, scenes of one date (or none) in job order; older scenes fill only the pixels it leaves nodata.
     """
 
@@ -162,6 +163,7 @@ class RegionSpec(_Frozen):
     resolution: Annotated[float, Field(gt=0)] | tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
     bounds: tuple[float, float, float, float]
     bounds_crs: str | None = None
+    snap: bool = False
     overlap: Literal["newest"] = "newest"
 
     @field_validator("crs", "bounds_crs")

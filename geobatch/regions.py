@@ -27,11 +27,12 @@ _UNDATED = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
 def region_grid(spec: RegionSpec) -> GeoBox:
-    """The regional grid: pixels of ``spec.resolution`` in ``spec.crs``, from the top-left corner of
-    ``spec.bounds`` (reprojected from ``bounds_crs`` first), as many whole pixels as cover the bounds."""
+    """The regional grid: pixels of ``spec.resolution`` in ``spec.crs`` covering ``spec.bounds`` (reprojected
+    from ``bounds_crs`` first), from the bounds' top-left corner, or with ``snap`` on multiples of the
+    resolution."""
     bounds = BoundingBox(*spec.bounds, crs=spec.bounds_crs or spec.crs).to_crs(spec.crs)
     x, y = spec.resolution_xy
-    return GeoBox.from_bbox(bounds, resolution=resxy_(x, -y), tight=True)
+    return GeoBox.from_bbox(bounds, resolution=resxy_(x, -y), tight=not spec.snap)
 
 
 def make_region(spec: RegionSpec, scenes: Sequence[Scene]) -> Region:

@@ -244,3 +244,11 @@ def test_region_bounds_may_be_given_in_another_crs():
     corners = Geometry(shapely.box(-77, 24, -76, 25), "EPSG:4326").to_crs("EPSG:32618")
     assert grid.extent.contains(corners) and grid.resolution.xy == (300, -300)
     assert grid.extent.area < corners.area * 1.5  # covers the box, not the world
+
+
+def test_a_snapped_region_puts_pixel_edges_on_multiples_of_the_resolution():
+    spec = RegionSpec(name="r", crs="EPSG:32618", resolution=30, bounds=[101985.3, 2611485.7, 339315.2, 2826915.9])
+    loose, snapped = region_grid(spec), region_grid(spec.model_copy(update={"snap": True}))
+    assert (loose.affine.c, loose.affine.f) == (101985.3, 2826915.9)
+    assert (snapped.affine.c, snapped.affine.f) == (101970, 2826930)
+    assert snapped.extent.contains(loose.extent)
