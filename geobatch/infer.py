@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError
 from geobatch.access import Access
 from geobatch.jobs import ModelSpec
 from geobatch.models.base import Prompt, Segmenter, TileInput, TileResult, load_model
-from geobatch.scenes import Scene, SceneReader
+from geobatch.scenes import SceneLike, SceneReader
 from geobatch.stitch import Mosaic, write_tile
 from geobatch.tiling import Tile
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class TileWork:
     """Everything a worker needs for one tile, passed explicitly (no globals on workers)."""
 
-    scene: Scene
+    scene: SceneLike
     tile: Tile
     mosaic: Mosaic
 

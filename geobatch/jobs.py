@@ -148,6 +148,50 @@ class RaySpec(_Frozen):
     max_retries: Annotated[int, Field(ge=0, le=20)] = 3
 
 
+class RegionSpec(_Frozen):
+    """One regional grid that every scene of the job is composited onto, instead of a mosaic per scene.
+
+    The grid is ``crs`` with pixels of ``resolution`` (CRS units; one number, or ``[x, y]``) anchored at the
+    top-left corner of ``bounds`` (``[xmin, ymin, xmax, ymax]`` in ``bounds_crs``, the region's CRS unless
+    given); with ``snap``, pixel edges fall on multiples of the resolution instead, a standard grid that
+    every region of that CRS and resolution shares. ``overlap`` is the rule where scenes overlap: ``newest`` - the newest acquisition wins a
+    pixel, scenes of one date (or none) in job order; older scenes fill only the pixels it leaves nodata.
+    """
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]  # names the mosaic folder and the catalog files
+    crs: str = Field(min_length=1)
+    resolution: Annotated[float, Field(gt=0)] | tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    bounds: tuple[float, float, float, float]
+    bounds_crs: str | None = None
+    snap: bool = False
+    overlap: Literal["newest"] = "newest"
+
+    @field_validator("crs", "bounds_crs")
+    @classmethod
+    def _known_crs(cls, value: str | None) -> str | None:
+        from pyproj import CRS  # here, so that loading a job without a region stays light
+        from pyproj.exceptions import CRSError
+
+        if value is not None:
+            try:
+                CRS.from_user_input(value)
+            except CRSError:
+                raise ValueError(f"'{value}' is not a CRS PROJ knows (e.g. EPSG:32618, or WKT)") from None
+        return value
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered_bounds(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        xmin, ymin, xmax, ymax = value
+        if not (xmin < xmax and ymin < ymax):
+            raise ValueError(f"expected [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax, got {list(value)}")
+        return value
+
+    @property
+    def resolution_xy(self) -> tuple[float, float]:
+        return self.resolution if isinstance(self.resolution, tuple) else (self.resolution, self.resolution)
+
+
 class JobSpec(_Frozen):
     """A validated job. Build it with :func:`load_job`."""
 
@@ -162,6 +206,7 @@ class JobSpec(_Frozen):
     storage: StorageSpec = StorageSpec()
     ray: RaySpec = RaySpec()
     acquired_at: UtcDatetime | None = None
+    region: RegionSpec | None = None  # composite every scene onto this grid (one mosaic) instead of one per scene
 
     @field_validator("scenes", "prompts", mode="before")
     @classmethod

@@ -40,6 +40,8 @@ create table if not exists scenes (scene_id text primary key, outcome text not n
 def job_fingerprint(spec: JobSpec) -> str:
     """A hash of what decides the outputs (scenes, bands, grid, model, prompts), not of where or how fast."""
     decisive = spec.model_dump(mode="json", include={"scenes", "prompts", "model", "bands", "resolution", "tiling"})
+    if spec.region:  # added only when set, so that the runs of jobs without one still resume
+        decisive["region"] = spec.region.model_dump(mode="json")
     decisive["ledger"] = LEDGER_VERSION  # a ledger of another layout cannot be resumed
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 

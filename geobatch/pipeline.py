@@ -39,7 +39,8 @@ from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings
 from geobatch.jobs import JobSpec
 from geobatch.ledger import Ledger, job_fingerprint
 from geobatch.models.base import Prompt, load_model
-from geobatch.scenes import Scene, SceneFailure, discover, open_scene
+from geobatch.regions import make_region
+from geobatch.scenes import Region, Scene, SceneFailure, SceneLike, discover, open_scene
 from geobatch.stitch import Mosaic, add_overviews, create_mosaic
 from geobatch.tiling import TileGrid, plan_tiles
 from geobatch.vectorize import vectorize
@@ -111,6 +112,8 @@ def run_job(
     access = Access.from_spec(spec.storage)
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
     scenes, failures = _open_scenes(spec, bands, model.input_values, access)
+    region = make_region(spec.region, scenes) if spec.region else None
+    sources, scenes = (scenes, [region]) if region else ([], scenes)  # a region is one mosaic of its sources
     grid = TileGrid(spec.tiling.core, spec.tiling.overlap)
     labels = [p.label for p in prompts]
     mosaic_dir = spec.output / "mosaics"
@@ -122,7 +125,7 @@ def run_job(
         count = {s.scene_id: math.prod(grid.layout(s.shape)) for s in scenes}
         total_tiles(sum(count.values()), sum(count[s] for s in finished) + len(skip))
     work = (
-        TileWork(s, t, mosaics[s.scene_id])
+        TileWork(s.reaching(t.read_window) if isinstance(s, Region) else s, t, mosaics[s.scene_id])
         for s in active
         for t in plan_tiles(s.scene_id, s.shape, grid)
         if t.tile_id not in skip
@@ -143,12 +146,14 @@ def run_job(
         finishing = time.perf_counter() - finishing
 
     scene_outcomes = [finished[s.scene_id] for s in scenes]
+    if region:
+        scene_outcomes += _source_outcomes(sources, region, finished[region.scene_id])
     scene_outcomes += [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
     failed_tiles = [o for s in scenes for o in ledger.tile_outcomes(s.scene_id).values() if o.status == "failed"]
     tables = {
         "objects": spec.output / "catalog" / "objects",
         "scenes": catalog.write_run_table(
-            spec.output, "scenes", _scene_table(scenes, scene_outcomes, ledger.run_id), ledger.run_id
+            spec.output, "scenes", _scene_table([*scenes, *sources], scene_outcomes, ledger.run_id), ledger.run_id
         ),
         "tiles": catalog.write_run_table(spec.output, "tiles", _tile_table(scenes, grid, ledger), ledger.run_id),
     }
@@ -199,7 +204,19 @@ def _ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _finished(ledger: Ledger, scene: Scene, mosaic_dir: Path) -> SceneOutcome | None:
+def _source_outcomes(sources: list[Scene], region: Region, outcome: SceneOutcome) -> list[SceneOutcome]:
+    """The region's scenes, in job order: each shares the region's fate, or is skipped if it misses it."""
+    inside = {s.scene.scene_id for s in region.sources}
+    composited, missed = f"composited into region '{region.scene_id}'", f"outside region '{region.scene_id}'"
+    return [
+        SceneOutcome(s.scene_id, s.uri, outcome.status, composited, mosaic=outcome.mosaic)
+        if s.scene_id in inside
+        else SceneOutcome(s.scene_id, s.uri, "skipped", missed)
+        for s in sources
+    ]
+
+
+def _finished(ledger: Ledger, scene: SceneLike, mosaic_dir: Path) -> SceneOutcome | None:
     """The outcome of a scene an earlier invocation of this run completed, if nothing is left to do for it."""
     recorded = ledger.scene_outcome(scene.scene_id)
     if recorded is None or recorded["status"] not in ("done", "skipped"):
@@ -211,7 +228,7 @@ def _finished(ledger: Ledger, scene: Scene, mosaic_dir: Path) -> SceneOutcome | 
     return outcome
 
 
-def _staged_mosaic(scene: Scene, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool) -> Mosaic:
+def _staged_mosaic(scene: SceneLike, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool) -> Mosaic:
     """The scene's ``.zarr.partial`` mosaic: kept when resuming (its chunks are finished tiles), else new."""
     partial, final = mosaic_dir / f"{scene.scene_id}.zarr.partial", mosaic_dir / f"{scene.scene_id}.zarr"
     if resume and final.exists() and not partial.exists():
@@ -227,7 +244,7 @@ def _publish(mosaic_dir: Path, scene_id: str) -> None:
 
 
 def _finish_scene(
-    scene: Scene, mosaic: Mosaic, grid: TileGrid, ledger: Ledger, spec: JobSpec, prompts: list[Prompt]
+    scene: SceneLike, mosaic: Mosaic, grid: TileGrid, ledger: Ledger, spec: JobSpec, prompts: list[Prompt]
 ) -> SceneOutcome:
     """Vectorise a scene whose tiles are all processed, stage its objects, and move its mosaic into place.
 
@@ -261,7 +278,7 @@ def _finish_scene(
     return outcome
 
 
-def _catalogue_objects(rows: pa.Table, scene: Scene, spec: JobSpec, run_id: str, prompts: list[Prompt]) -> pa.Table:
+def _catalogue_objects(rows: pa.Table, scene: SceneLike, spec: JobSpec, run_id: str, prompts: list[Prompt]) -> pa.Table:
     """A batch of a scene's objects with every catalog column."""
     phrases = {p.label: p.text for p in prompts}
     return catalog.scene_object_columns(rows, scene.scene_id, scene.acquired_at, run_id, spec.model.name, phrases)
@@ -275,7 +292,7 @@ def _label_counts(output: Path, run_id: str) -> dict[str, int]:
     return dict(counts)
 
 
-def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str) -> gpd.GeoDataFrame:
+def _scene_table(scenes: list[SceneLike], outcomes: list[SceneOutcome], run_id: str) -> gpd.GeoDataFrame:
     extents = gpd.GeoSeries([s.geobox.extent.to_crs("epsg:4326").geom for s in scenes], crs=4326)
     footprints = dict(zip([s.scene_id for s in scenes], extents))
     acquired = {s.scene_id: s.acquired_at for s in scenes}
@@ -301,7 +318,7 @@ def _scene_table(scenes: list[Scene], outcomes: list[SceneOutcome], run_id: str)
     return frame
 
 
-def _tile_table(scenes: list[Scene], grid: TileGrid, ledger: Ledger) -> gpd.GeoDataFrame:
+def _tile_table(scenes: list[SceneLike], grid: TileGrid, ledger: Ledger) -> gpd.GeoDataFrame:
     frames = []
     for scene in scenes:
         outcomes = ledger.tile_outcomes(scene.scene_id)

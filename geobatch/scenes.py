@@ -7,6 +7,9 @@ float scene, one small overview to compute a percentile stretch). Pixels are rea
 A scene's bands may live in one file or in several (a STAC item with one asset per band, possibly at
 different resolutions): each band is a :class:`BandSource`, and every read resamples onto the scene's
 output grid, which is the finest band's grid or the job's target resolution.
+
+A :class:`Region` (see ``regions.py``) stands where a scene does: a window of its grid is composed from
+windows of its source scenes, each read here too.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -26,6 +29,10 @@ import numpy as np
 import rasterio
 from affine import Affine
 from odc.geo.geobox import GeoBox
+from odc.geo.geom import Geometry
+from odc.geo.overlap import compute_reproject_roi
+from odc.geo.roi import roi_is_empty
+from odc.geo.warp import rio_reproject
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window, from_bounds
@@ -119,6 +126,44 @@ class Scene:
 
 
 @dataclass(frozen=True, slots=True)
+class RegionSource:
+    """A scene composited into a region, with its grid as the region sees it.
+
+    ``grid`` is the scene's grid, labelled with the region's CRS where PROJ maps one CRS onto the other as
+    a no-op (the same projection, the datum merely unnamed), so that such a scene is read, not warped.
+    ``footprint`` is its extent in the region's CRS, to pass over it for windows it does not reach.
+    """
+
+    scene: Scene
+    grid: GeoBox
+    footprint: Geometry
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """Scenes composited onto one grid; it goes wherever a :class:`Scene` goes (``scene_id``, ``uri``,
+    ``acquired_at``, ``geobox``, ``shape``). ``sources`` are in overlap order: the first valid pixel wins."""
+
+    scene_id: str
+    uri: str
+    acquired_at: dt.datetime | None
+    geobox: GeoBox
+    sources: tuple[RegionSource, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.geobox.shape.yx
+
+    def reaching(self, window: Window) -> Region:
+        """The region with only the sources that reach ``window``: what a tile's work needs to carry."""
+        extent = self.geobox[window.toslices()].extent
+        return replace(self, sources=tuple(s for s in self.sources if s.footprint.intersects(extent)))
+
+
+SceneLike = Scene | Region  # what a mosaic is made of: one scene, or a region composed of several
+
+
+@dataclass(frozen=True, slots=True)
 class WindowRead:
     """Pixels of one window: the requested bands as model input and which pixels are valid in all of them."""
 
@@ -196,8 +241,10 @@ class SceneReader:
         self.access = access
         self._open: dict[str, rasterio.DatasetReader] = {}
 
-    def read(self, scene: Scene, window: Window, bands: Sequence[str]) -> WindowRead:
+    def read(self, scene: SceneLike, window: Window, bands: Sequence[str]) -> WindowRead:
         """Read ``bands`` of ``scene`` inside ``window`` (of its output grid); raises :class:`SceneUnreadable`."""
+        if isinstance(scene, Region):
+            return self._read_region(scene, window, bands)
         shape = (int(window.height), int(window.width))
         valid = np.ones(shape, bool)
         stored: dict[str, np.ndarray] = {}
@@ -216,6 +263,35 @@ class SceneReader:
         for array in inputs.values():
             valid &= np.isfinite(array)
         return WindowRead(inputs, valid)
+
+    def _read_region(self, region: Region, window: Window, bands: Sequence[str]) -> WindowRead:
+        """A window of the regional grid: each source, in overlap order, fills the pixels still nodata."""
+        target = region.geobox[window.toslices()]
+        values = {name: np.zeros(target.shape.yx, np.float32) for name in bands}
+        valid = np.zeros(target.shape.yx, bool)
+        for source in region.reaching(window).sources:
+            if valid.all():
+                break
+            piece = self._read_on_grid(source, target, bands)
+            fill = piece.valid & ~valid
+            for name in bands:
+                values[name][fill] = piece.bands[name][fill]
+            valid |= fill
+        return WindowRead(values, valid)
+
+    def _read_on_grid(self, source: RegionSource, target: GeoBox, bands: Sequence[str]) -> WindowRead:
+        """``source`` over ``target`` (a window of the regional grid), nodata where it does not reach.
+
+        Where the grids differ by whole pixels only (odc-geo's ``paste_ok``) this is a plain window read of
+        the source, bit for bit; otherwise the source is read around the window and warped.
+        """
+        roi = compute_reproject_roi(source.grid, target)
+        if roi_is_empty(roi.roi_dst):
+            return _nodata(target, bands)
+        piece = self.read(source.scene, Window.from_slices(*roi.roi_src), bands)
+        if roi.paste_ok and roi.read_shrink == 1:
+            return _pasted(piece, target, roi.roi_dst)
+        return _warped(piece, source.grid[roi.roi_src], target, shrinking=roi.scale > 1)
 
     def close(self) -> None:
         for uri in list(self._open):
@@ -248,6 +324,40 @@ class SceneReader:
         dataset = self._open.pop(uri, None)
         if dataset is not None:
             dataset.close()
+
+
+def _nodata(target: GeoBox, bands: Sequence[str]) -> WindowRead:
+    return WindowRead({name: np.zeros(target.shape.yx, np.float32) for name in bands}, np.zeros(target.shape.yx, bool))
+
+
+def _pasted(piece: WindowRead, target: GeoBox, where: tuple[slice, slice]) -> WindowRead:
+    """``piece`` placed at ``where`` in an otherwise nodata window of ``target``."""
+    placed = _nodata(target, list(piece.bands))
+    placed.valid[where] = piece.valid
+    for name, band in piece.bands.items():
+        placed.bands[name][where] = band
+    return placed
+
+
+def _warped(piece: WindowRead, source: GeoBox, target: GeoBox, shrinking: bool) -> WindowRead:
+    """``piece`` (on ``source``) warped onto ``target`` by GDAL.
+
+    Validity is warped with nearest (a mask cannot be interpolated); values with bilinear, or average where
+    the source is finer than the target, from valid source pixels only.
+    """
+    resampling = Resampling.average if shrinking else Resampling.bilinear
+    shape = target.shape.yx
+    mask = rio_reproject(
+        piece.valid.astype(np.uint8), np.zeros(shape, np.uint8), source, target, Resampling.nearest, 0, 0
+    )
+    valid = mask == 1
+    bands = {}
+    for name, band in piece.bands.items():
+        values = np.where(piece.valid, band, np.float32(np.nan))
+        warped = rio_reproject(values, np.full(shape, np.nan, np.float32), source, target, resampling, np.nan, np.nan)
+        valid &= np.isfinite(warped)
+        bands[name] = np.nan_to_num(warped)
+    return WindowRead(bands, valid)
 
 
 @dataclass(frozen=True, slots=True)
