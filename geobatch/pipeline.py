@@ -37,7 +37,8 @@ from geobatch.errors import GeobatchError
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
 from geobatch.jobs import JobSpec
 from geobatch.ledger import Ledger, job_fingerprint
-from geobatch.models.base import Prompt, load_model
+from geobatch.instances import merge_instances
+from geobatch.models.base import ObjectKind, Prompt, load_model, objects_of
 from geobatch.scenes import Scene, SceneFailure, discover, open_scene
 from geobatch.stitch import Mosaic, add_overviews, create_mosaic
 from geobatch.tiling import TileGrid, plan_tiles
@@ -114,7 +115,8 @@ def run_job(
     mosaic_dir = spec.output / "mosaics"
     finished = {s.scene_id: outcome for s in scenes if (outcome := _finished(ledger, s, mosaic_dir))}
     active = [s for s in scenes if s.scene_id not in finished]
-    mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed) for s in active}
+    objects = objects_of(model)
+    mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed, objects) for s in active}
     skip = ledger.finished_tiles(s.scene_id for s in active)
     if total_tiles:
         count = {s.scene_id: math.prod(grid.layout(s.shape)) for s in scenes}
@@ -206,12 +208,14 @@ def _finished(ledger: Ledger, scene: Scene, mosaic_dir: Path) -> SceneOutcome | 
     return outcome
 
 
-def _staged_mosaic(scene: Scene, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool) -> Mosaic:
+def _staged_mosaic(
+    scene: Scene, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool, objects: ObjectKind
+) -> Mosaic:
     """The scene's ``.zarr.partial`` mosaic: kept when resuming (its chunks are finished tiles), else new."""
     partial, final = mosaic_dir / f"{scene.scene_id}.zarr.partial", mosaic_dir / f"{scene.scene_id}.zarr"
     if resume and final.exists() and not partial.exists():
         final.rename(partial)  # published with failed tiles: reopened to add the retried ones
-    return create_mosaic(scene, grid, labels, partial, keep_existing=resume)
+    return create_mosaic(scene, grid, labels, partial, keep_existing=resume, objects=objects)
 
 
 def _publish(mosaic_dir: Path, scene_id: str) -> None:
@@ -244,7 +248,8 @@ def _finish_scene(
         outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts)
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
-    objects = _catalogue_objects(vectorize(mosaic, scene), scene, spec, ledger.run_id, prompts)
+    found = merge_instances(mosaic, scene, grid) if mosaic.objects == "instances" else vectorize(mosaic, scene)
+    objects = _catalogue_objects(found, scene, spec, ledger.run_id, prompts)
     add_overviews(mosaic)
     catalog.write_scene_objects(spec.output, objects, ledger.run_id, scene.scene_id)
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
@@ -258,10 +263,11 @@ def _finish_scene(
 def _catalogue_objects(
     objects: gpd.GeoDataFrame, scene: Scene, spec: JobSpec, run_id: str, prompts: list[Prompt]
 ) -> gpd.GeoDataFrame:
-    """A scene's objects with every catalog column."""
+    """A scene's objects with every catalog column; the phrase is the prompt's unless the model gave one."""
+    phrases = objects["phrase"] if "phrase" in objects else objects["label"].map({p.label: p.text for p in prompts})
     objects = objects.assign(
         scene_id=scene.scene_id,
-        phrase=objects["label"].map({p.label: p.text for p in prompts}),
+        phrase=phrases,
         acquired_at=pd.Timestamp(scene.acquired_at) if scene.acquired_at else pd.NaT,
         run_id=run_id,
         model=spec.model.name,
