@@ -30,6 +30,8 @@ Needs an overlap > 0: without one, the two parts of an instance cut by a seam sh
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ import shapely
 import shapely.geometry
 import zarr
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -68,6 +71,17 @@ class MatchThresholds:
 MATCH = MatchThresholds()
 
 
+@dataclass(frozen=True, slots=True)
+class StagedTile:
+    """A processed tile and the file holding its staged instances."""
+
+    tile: Tile
+    path: str
+
+
+TileKey = tuple[int, int]  # a tile's (row, col)
+
+
 def merge_instances(
     mosaic: Mosaic, scene: Scene, grid: TileGrid, thresholds: MatchThresholds = MATCH
 ) -> gpd.GeoDataFrame:
@@ -78,39 +92,43 @@ def merge_instances(
     file (failed or skipped) keep their nodata chunk. Runs on the current Dask scheduler.
     """
     tiles = {
-        (t.row, t.col): t
+        (t.row, t.col): StagedTile(t, str(mosaic.staged_instances(t.row, t.col)))
         for t in plan_tiles(mosaic.scene_id, mosaic.shape, grid)
         if mosaic.staged_instances(t.row, t.col).exists()
     }
-    paths = {key: str(mosaic.staged_instances(*key)) for key in tiles}
-    summaries = dask.compute(*[dask.delayed(_summarise)(paths[key], tiles[key], mosaic.shape[1]) for key in tiles])
-    instances = pd.concat(
-        [s.assign(tile_row=key[0], tile_col=key[1], local=np.arange(len(s))) for key, s in zip(tiles, summaries)]
-        or [_SUMMARY_FRAME],
-        ignore_index=True,
-    )
-    first_index = dict(zip(tiles, np.cumsum([0, *map(len, summaries)]).tolist()))
-    pairs = _neighbour_pairs(tiles, grid)
-    matches = dask.compute(
-        *[dask.delayed(_match_tiles)(paths[a], paths[b], tiles[a], tiles[b], grid, thresholds) for a, b in pairs]
-    )
-    edges = np.concatenate(
-        [np.zeros((0, 2), np.int64)] + [m + [first_index[a], first_index[b]] for (a, b), m in zip(pairs, matches)]
-    )
-    objects = _objects(instances, edges, grid.core, mosaic.labels)
+    instances = _summaries(tiles, mosaic.shape[1])
+    objects = _objects(instances, _matches(tiles, instances, grid, thresholds), grid.core, mosaic.labels)
     painting = [
-        dask.delayed(_paint_chunk)(mosaic.path, paths[key], tiles[key], _tile_paint(instances, objects, key))
-        for key in tiles
+        dask.delayed(_paint_chunk)(mosaic.path, staged, _tile_paint(instances, objects, key))
+        for key, staged in tiles.items()
     ]
-    members = _members(instances)
-    georeference = Georeference.of(scene)
+    members, georeference = _members(instances), Georeference.of(scene)
     owned = [
-        dask.delayed(_polygonise)([(i, _box(objects, i), members[i]) for i in ids], paths, tiles, georeference)
+        dask.delayed(_polygonise)([(i, _box(objects, i), members[i]) for i in ids], tiles, georeference)
         for ids in objects.groupby(["owner_row", "owner_col"]).groups.values()
     ]
     _, *polygonised = dask.compute(painting, *owned)
     shapes = pd.DataFrame([row for rows in polygonised for row in rows], columns=["id", "geometry", "area"])
     return _catalog_rows(objects.join(shapes.set_index("id")), mosaic, scene)
+
+
+def _summaries(tiles: dict[TileKey, StagedTile], width: int) -> pd.DataFrame:
+    """Every staged instance's summary (:func:`_summarise`), with its tile and index there; row = global index."""
+    summaries = dask.compute(*[dask.delayed(_summarise)(staged, width) for staged in tiles.values()])
+    frames = [s.assign(tile_row=row, tile_col=col, local=np.arange(len(s))) for (row, col), s in zip(tiles, summaries)]
+    return pd.concat(frames or [_SUMMARY_FRAME], ignore_index=True)
+
+
+def _matches(
+    tiles: dict[TileKey, StagedTile], instances: pd.DataFrame, grid: TileGrid, thresholds: MatchThresholds
+) -> np.ndarray:
+    """Pairs of global instance indices that match, from a task per pair of neighbouring tiles."""
+    pairs = _neighbour_pairs({key: staged.tile for key, staged in tiles.items()}, grid)
+    found = dask.compute(*[dask.delayed(_match_tiles)(tiles[a], tiles[b], grid, thresholds) for a, b in pairs])
+    sizes = Counter(zip(instances["tile_row"], instances["tile_col"]))
+    starts = dict(zip(tiles, np.cumsum([0, *(sizes[key] for key in tiles)]).tolist()))  # tiles' instances in order
+    offsets = [(starts[a], starts[b]) for a, b in pairs]
+    return np.concatenate([np.zeros((0, 2), np.int64)] + [m + offset for m, offset in zip(found, offsets)])
 
 
 def match_masks(
@@ -165,15 +183,15 @@ _SUMMARY_COLUMNS = ("label", "score", "phrase", "seen", "pixels", "first_pixel",
 _SUMMARY_FRAME = pd.DataFrame(columns=[*_SUMMARY_COLUMNS, "tile_row", "tile_col", "local"])
 
 
-def _summarise(path: str, tile: Tile, width: int) -> pd.DataFrame:
+def _summarise(staged: StagedTile, width: int) -> pd.DataFrame:
     """Per staged instance of one tile: label, score, phrase, pixels seen, and its core piece's statistics.
 
     ``pixels`` counts the piece inside the core; the first pixel, sums and box are only meaningful if > 0.
     """
-    core = tile.core_window
+    core = staged.tile.core_window
     rows, cols = np.mgrid[core.row_off : core.row_off + core.height, core.col_off : core.col_off + core.width]
     summary = []
-    for _, instance in _read_staged(path).iterrows():
+    for _, instance in _read_staged(staged.path).iterrows():
         piece = _staged_over(instance, core)
         r, c = (rows[piece], cols[piece]) if piece.any() else (np.zeros(1, np.int64), np.zeros(1, np.int64))
         seen = np.count_nonzero(staged_mask(instance["height"], instance["width"], instance["mask"]))
@@ -184,15 +202,15 @@ def _summarise(path: str, tile: Tile, width: int) -> pd.DataFrame:
     return pd.DataFrame(summary, columns=list(_SUMMARY_COLUMNS))
 
 
-def _neighbour_pairs(tiles: dict[tuple[int, int], Tile], grid: TileGrid) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+def _neighbour_pairs(tiles: dict[TileKey, Tile], grid: TileGrid) -> list[tuple[TileKey, TileKey]]:
     """Pairs of processed tiles (each once) that both see some pixels well (see :func:`_compared`)."""
     reach = math.ceil(2 * grid.overlap / grid.core)  # tiles farther apart than this share no pixel
     pairs = []
-    for row, col in tiles:
+    for (row, col), tile in tiles.items():
         for d_row in range(reach + 1):
             for d_col in range(-reach, reach + 1):
                 other = (row + d_row, col + d_col)
-                if (d_row, d_col) > (0, 0) and other in tiles and _compared(tiles[(row, col)], tiles[other], grid):
+                if (d_row, d_col) > (0, 0) and other in tiles and _compared(tile, tiles[other], grid):
                     pairs.append(((row, col), other))
     return pairs
 
@@ -210,7 +228,8 @@ def _compared(a: Tile, b: Tile, grid: TileGrid) -> Window | None:
 
 
 def _grown(window: Window, margin: int) -> Window:
-    return Window(window.col_off - margin, window.row_off - margin, window.width + 2 * margin, window.height + 2 * margin)
+    grow = 2 * margin
+    return Window(window.col_off - margin, window.row_off - margin, window.width + grow, window.height + grow)
 
 
 def _intersection(a: Window, b: Window) -> Window | None:
@@ -220,16 +239,13 @@ def _intersection(a: Window, b: Window) -> Window | None:
     return Window(left, top, right - left, bottom - top) if top < bottom and left < right else None
 
 
-def _match_tiles(
-    path_a: str, path_b: str, a: Tile, b: Tile, grid: TileGrid, thresholds: MatchThresholds
-) -> np.ndarray:
+def _match_tiles(a: StagedTile, b: StagedTile, grid: TileGrid, thresholds: MatchThresholds) -> np.ndarray:
     """Local index pairs of matching instances of two tiles, compared where both see well."""
-    shared = _compared(a, b, grid)
+    compared = _compared(a.tile, b.tile, grid)
     views = []
-    for path in (path_a, path_b):
-        staged = _read_staged(path)
-        views.append([(i, row["label"], _staged_over(row, shared)) for i, row in staged.iterrows()])
-    views = [[v for v in view if v[2].any()] for view in views]
+    for staged in (a, b):
+        over = [(i, row["label"], _staged_over(row, compared)) for i, row in _read_staged(staged.path).iterrows()]
+        views.append([view for view in over if view[2].any()])
     pairs = match_masks([v[1:] for v in views[0]], [v[1:] for v in views[1]], thresholds)
     return np.array([(views[0][i][0], views[1][j][0]) for i, j in pairs], np.int64).reshape(-1, 2)
 
@@ -258,34 +274,35 @@ def _objects(instances: pd.DataFrame, edges: np.ndarray, core: int, labels: Sequ
     return objects.set_index("id", drop=False)
 
 
-def _tile_paint(instances: pd.DataFrame, objects: pd.DataFrame, key: tuple[int, int]) -> pd.DataFrame:
+def _tile_paint(instances: pd.DataFrame, objects: pd.DataFrame, key: TileKey) -> pd.DataFrame:
     """Tile ``key``'s staged instances (by local index) that belong to an object: id, code, score, rank."""
     mine = instances[(instances["tile_row"] == key[0]) & (instances["tile_col"] == key[1]) & (instances["object"] > 0)]
     found = objects.loc[mine["object"], ["id", "code", "score", "rank"]]
     return found.set_index(mine["local"].to_numpy())
 
 
-def _paint_chunk(store: str, path: str, tile: Tile, paint: pd.DataFrame) -> None:
+def _paint_chunk(store: str, staged: StagedTile, paint: pd.DataFrame) -> None:
     """Write one chunk's ``instance``/``label``/``score`` from its tile's instances, cut to the core.
 
     Validity comes from the chunk's ``label`` (nodata stays nodata), so painting again gives the same chunk.
     """
     group = zarr.open_group(store, mode="r+")
-    where = tile.core_window.toslices()
+    core = staged.tile.core_window
+    where = core.toslices()
     valid = group["label"][where] != LABEL_NODATA
     instance = np.zeros(valid.shape, np.uint32)
     label = np.where(valid, LABEL_BACKGROUND, LABEL_NODATA).astype(np.uint8)
     score = np.where(valid, np.float32(0), np.float32(np.nan))
-    staged = _read_staged(path)
+    instances = _read_staged(staged.path)
     for local, row in paint.sort_values("rank", ascending=False).iterrows():  # the highest priority last
-        piece = _staged_over(staged.iloc[local], tile.core_window) & valid
+        piece = _staged_over(instances.iloc[local], core) & valid
         instance[piece], label[piece], score[piece] = row["id"], row["code"], row["score"]
     group["instance"][where] = instance
     group["label"][where] = label
     group["score"][where] = score
 
 
-def _members(instances: pd.DataFrame) -> dict[int, list[tuple[tuple[int, int], int]]]:
+def _members(instances: pd.DataFrame) -> dict[int, list[tuple[TileKey, int]]]:
     """Each object's members that hold core pixels, as (tile key, local index)."""
     holding = instances[(instances["object"] > 0) & (instances["pixels"] > 0)]
     return {
@@ -300,18 +317,18 @@ def _box(objects: pd.DataFrame, object_id: int) -> Window:
 
 
 def _polygonise(
-    objects: list[tuple[int, Window, list]], paths: dict, tiles: dict, georeference: Georeference
+    objects: list[tuple[int, Window, list]], tiles: dict[TileKey, StagedTile], georeference: Georeference
 ) -> list[tuple[int, shapely.Geometry, float]]:
     """(id, EPSG:4326 geometry, area m²) of objects, each assembled over its box from its members' core pieces."""
-    staged: dict[tuple[int, int], pd.DataFrame] = {}
+    staged: dict[TileKey, pd.DataFrame] = {}
     ids, polygons = [], []
     for object_id, box, members in objects:
         mask = np.zeros((box.height, box.width), bool)
         for key, local in members:
             if key not in staged:
-                staged[key] = _read_staged(paths[key])
+                staged[key] = _read_staged(tiles[key].path)
             in_core = np.zeros_like(mask)
-            in_core[_inside(tiles[key].core_window, box)] = True
+            in_core[_inside(tiles[key].tile.core_window, box)] = True
             mask |= _staged_over(staged[key].iloc[local], box) & in_core
         ids.append(object_id)
         polygons.append(_polygon(mask, box.row_off, box.col_off))
@@ -329,10 +346,12 @@ def _inside(window: Window, box: Window) -> tuple[slice, slice]:
 
 def _polygon(mask: np.ndarray, top: int, left: int) -> shapely.Geometry:
     """The polygon (a MultiPolygon if disjoint) of ``mask``'s pixels, placed at ``top``, ``left`` in scene pixels."""
-    shapes = rasterio.features.shapes(
-        mask.astype(np.uint8), mask=mask, connectivity=4, transform=Affine.translation(left, top)
-    )
-    polygons = [shapely.geometry.shape(geometry) for geometry, _ in shapes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # at the scene's origin the transform is identity
+        shapes = rasterio.features.shapes(
+            mask.astype(np.uint8), mask=mask, connectivity=4, transform=Affine.translation(left, top)
+        )
+        polygons = [shapely.geometry.shape(geometry) for geometry, _ in shapes]
     return polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
 
 

@@ -35,9 +35,9 @@ from geobatch import catalog
 from geobatch.access import Access
 from geobatch.errors import GeobatchError
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
+from geobatch.instances import merge_instances
 from geobatch.jobs import JobSpec
 from geobatch.ledger import Ledger, job_fingerprint
-from geobatch.instances import merge_instances
 from geobatch.models.base import ObjectKind, Prompt, load_model, objects_of
 from geobatch.scenes import Scene, SceneFailure, discover, open_scene
 from geobatch.stitch import Mosaic, add_overviews, create_mosaic

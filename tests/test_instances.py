@@ -1,5 +1,6 @@
 """Instance models end to end: every synthetic instance, cut by tiles and overlapping others, appears once."""
 
+import shutil
 from pathlib import Path
 
 import geopandas as gpd
@@ -43,7 +44,8 @@ def scene_file(tmp_path_factory) -> Path:
     data[:, INVALID[0], INVALID[1]] = 0
     data[:, GAP[0], GAP[1]] = 0
     profile = {"driver": "GTiff", "width": WIDTH, "height": HEIGHT, "count": 4, "dtype": "uint8", "nodata": 0}
-    with rasterio.open(path, "w", **profile, crs="EPSG:32614", transform=from_origin(500000, 5200000, PIXEL_M, PIXEL_M)) as dst:
+    grid = {"crs": "EPSG:32614", "transform": from_origin(500000, 5200000, PIXEL_M, PIXEL_M)}
+    with rasterio.open(path, "w", **profile, **grid) as dst:
         dst.write(data)
     return path
 
@@ -191,6 +193,18 @@ def test_merging_again_gives_the_same_objects_and_mosaic(run, scene_file):
         assert np.array_equal(after[name].values, before[name].values, equal_nan=True)
 
 
+def test_eroded_views_need_the_thresholds(runs, scene_file, tmp_path):
+    """Without IoU / IoS tolerance the eroded views of one instance stay apart: the thresholds do the work."""
+    summary, mosaic_path, grid, spec = runs["core48-overlap12-eroded"]
+    copy = tmp_path / "mosaics"
+    shutil.copytree(mosaic_path.parent, copy)
+    labels = ("building", "tree")
+    mosaic = Mosaic(scene_file.stem, str(copy / mosaic_path.name), (HEIGHT, WIDTH), grid.core, labels, "instances")
+    (ref,), _ = discover(spec)
+    strict = merge_instances(mosaic, open_scene(ref, ("red",)), grid, MatchThresholds(iou=1.0, ios=1.01))
+    assert len(strict) > summary.objects_per_label["building"] + summary.objects_per_label["tree"]
+
+
 def test_tilings_give_the_same_catalog(runs):
     catalogs = [
         gpd.read_parquet(summary.tables["objects"]).sort_values("object_id").reset_index(drop=True)
@@ -201,6 +215,16 @@ def test_tilings_give_the_same_catalog(runs):
         columns = ["object_id", "label", "phrase", "score", "pixels"]
         assert other[columns].equals(reference[columns])
         assert other.geometry.normalize().geom_equals_exact(reference.geometry.normalize(), 1e-9).all()
+
+
+def test_a_scene_without_instances_has_no_objects_and_a_background_mosaic(ray_session, scene_file, tmp_path, truth):
+    model = {"name": "synthetic-instances", "options": {**SHAPES, "count": 0}}
+    job = write_job(tmp_path / "job.yaml", scenes=[str(scene_file)], prompts=PROMPTS, model=model)
+    summary = run_job(load_job(job))
+    assert not summary.failed and summary.objects_per_label == {}
+    mosaic = open_mosaic(summary.output / "mosaics" / f"{scene_file.stem}.zarr")
+    assert np.array_equal(mosaic["label"].values, np.where(truth["valid"], 0, LABEL_NODATA))
+    assert not mosaic["instance"].values.any()
 
 
 def square(top: int, left: int, size: int, shape=(12, 12)) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Synthetic backends with known answers, for measuring and testing the pipeline around the model.
 
-``fixed-cost`` (:class:`FixedCost`) answers like ``spectral`` (so its outputs can be checked) and then keeps the CPU busy until
-``seconds`` have passed since the tile arrived, so every tile costs the same model time however fast
-the index is. Benchmarks use it to isolate pipeline overhead; with ``device="cuda"`` the time is spent
-in matrix products on the GPU (PyTorch, the ``geopixel`` extra), so a GPU actor can be measured. For
-tests of failure handling it can also raise on chosen tiles (``fail_tiles``) and run out of memory on
-batches larger than ``max_batch``, with an error named like PyTorch's CUDA one.
+``fixed-cost`` (:class:`FixedCost`) answers like ``spectral`` (so its outputs can be checked) and then
+keeps the CPU busy until ``seconds`` have passed since the tile arrived, so every tile costs the same
+model time however fast the index is. Benchmarks use it to isolate pipeline overhead; with
+``device="cuda"`` the time is spent in matrix products on the GPU (PyTorch, the ``geopixel`` extra), so a
+GPU actor can be measured. For tests of failure handling it can also raise on chosen tiles
+(``fail_tiles``) and run out of memory on batches larger than ``max_batch``, with an error named like
+PyTorch's CUDA one.
 
 ``synthetic-instances`` (:class:`SyntheticInstances`) behaves like an instance model (SAM, GeoPixel):
 deterministic discs, rectangles and rings placed in *scene* pixel coordinates, which overlap each other
@@ -24,7 +25,6 @@ import numpy as np
 from rasterio.windows import Window
 
 from geobatch.models.base import Instance, Prompt, TileInput, TileResult
-from geobatch.tiling import Tile
 from geobatch.models.spectral import Spectral
 
 
@@ -157,9 +157,10 @@ class SyntheticInstances:
     """An instance model with known answers: :func:`synthetic_instances` seen through each read window.
 
     Every prompt is answered (any kind). A tile gets each shape that has a valid pixel in its read window,
-    masked to the valid pixels there. ``edge_erosion`` px along each read-window side that lies inside the
-    scene are dropped from every mask, as a model sees less near a cut: counterparts on neighbouring tiles
-    then differ (IoU < 1). With ``edge_erosion`` at most the tiling's overlap, every core pixel is still seen.
+    masked to the valid pixels there. ``extent`` should be the scene's size: shapes are placed over it, and
+    its border is the scene's edge. ``edge_erosion`` px along each read-window side that cuts the extent
+    are dropped from every mask, as a model sees less near a cut: counterparts on neighbouring tiles then
+    differ (IoU < 1). With ``edge_erosion`` at most the tiling's overlap, every core pixel is still seen.
     """
 
     name = "synthetic-instances"
@@ -174,7 +175,8 @@ class SyntheticInstances:
         max_size: float = 96,
         edge_erosion: int = 0,
     ) -> None:
-        self.shape_options = {"seed": int(seed), "count": int(count), "extent": tuple(extent), "max_size": max_size}
+        extent = (int(extent[0]), int(extent[1]))
+        self.shape_options = {"seed": int(seed), "count": int(count), "extent": extent, "max_size": max_size}
         self.edge_erosion = int(edge_erosion)
 
     def required_bands(self, prompts: Sequence[Prompt]) -> tuple[str, ...]:
@@ -185,7 +187,7 @@ class SyntheticInstances:
 
     def __call__(self, tile: TileInput, prompts: Sequence[Prompt]) -> TileResult:
         window = tile.tile.read_window
-        seen = tile.valid & _away_from_cuts(tile.tile, self.edge_erosion)
+        seen = tile.valid & _away_from_cuts(window, self.shape_options["extent"], self.edge_erosion)
         instances: dict[str, list[Instance]] = {p.label: [] for p in prompts}
         for shape in self.shapes(prompts):
             top, left, bottom, right = shape.bounds()
@@ -199,21 +201,20 @@ class SyntheticInstances:
         return TileResult(tile.tile.tile_id, instances)
 
 
-def _away_from_cuts(tile: Tile, erosion: int) -> np.ndarray:
-    """Read-window pixels farther than ``erosion`` from every side where the read window cuts the scene.
+def _away_from_cuts(window: Window, extent: tuple[int, int], erosion: int) -> np.ndarray:
+    """Pixels of ``window`` farther than ``erosion`` from each of its sides that cuts the ``extent``.
 
-    A side cuts the scene where the read window reaches past the core (at the scene's edge they coincide).
+    A side that lies on the extent's border (the scene's edge) is no cut: there is nothing beyond it.
     """
-    read, core = tile.read_window, tile.core_window
-    keep = np.ones((read.height, read.width), bool)
+    keep = np.ones((window.height, window.width), bool)
     if erosion <= 0:
         return keep
-    if core.row_off > read.row_off:
+    if window.row_off > 0:
         keep[:erosion] = False
-    if core.col_off > read.col_off:
+    if window.col_off > 0:
         keep[:, :erosion] = False
-    if read.row_off + read.height > core.row_off + core.height:
+    if window.row_off + window.height < extent[0]:
         keep[-erosion:] = False
-    if read.col_off + read.width > core.col_off + core.width:
+    if window.col_off + window.width < extent[1]:
         keep[:, -erosion:] = False
     return keep
