@@ -9,7 +9,8 @@ Arrays, all on the scene grid (``y``, ``x``):
 - ``label`` (uint8): 0 background, ``i`` the ``i``-th prompt's label, 255 nodata / not processed;
   where prompts overlap the earlier prompt in the job wins;
 - ``score`` (float32): the model's confidence for the pixel's label, NaN where nodata;
-- ``instance`` (uint32): the object id (see ``vectorize``), 0 where no object.
+- ``instance`` (uint32): the object id (see ``vectorize``, or ``instances`` for instance models), 0 where
+  no object.
 
 Finished mosaics also hold coarser levels for viewers, ``overviews/2``, ``overviews/4``... (``add_overviews``).
 

@@ -2,6 +2,7 @@
 
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import geopandas as gpd
 import numpy as np
@@ -15,10 +16,10 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from geobatch.instances import MatchThresholds, match_masks, merge_instances
-from geobatch.jobs import load_job
+from geobatch.jobs import JobSpec, load_job
 from geobatch.models.base import Prompt, TileInput, load_model
 from geobatch.models.synthetic import SyntheticInstances
-from geobatch.pipeline import run_job
+from geobatch.pipeline import RunSummary, run_job
 from geobatch.scenes import discover, open_scene
 from geobatch.stitch import LABEL_NODATA, Mosaic
 from geobatch.tiling import TileGrid, plan_tiles
@@ -62,9 +63,16 @@ def truth():
     return {"shapes": [s for s in shapes if masks[s.phrase].any()], "masks": masks, "valid": valid}
 
 
+class Run(NamedTuple):
+    summary: RunSummary
+    mosaic: Path  # the published mosaic
+    grid: TileGrid
+    spec: JobSpec
+
+
 @pytest.fixture(scope="module")
-def runs(ray_session, scene_file, tmp_path_factory):
-    """Each run of ``RUNS``, once: (summary, published mosaic path, grid, job spec)."""
+def runs(ray_session, scene_file, tmp_path_factory) -> dict[str, Run]:
+    """Each run of ``RUNS``, once."""
     done = {}
     for name, (core, overlap, erosion) in RUNS.items():
         folder = tmp_path_factory.mktemp(name)
@@ -75,16 +83,16 @@ def runs(ray_session, scene_file, tmp_path_factory):
         )  # fmt: skip
         spec = load_job(job)
         summary = run_job(spec)
-        done[name] = (summary, spec.output / "mosaics" / f"{scene_file.stem}.zarr", TileGrid(core, overlap), spec)
+        done[name] = Run(summary, spec.output / "mosaics" / f"{scene_file.stem}.zarr", TileGrid(core, overlap), spec)
     return done
 
 
 @pytest.fixture(params=list(RUNS))
-def run(request, runs):
+def run(request, runs) -> Run:
     return runs[request.param]
 
 
-def expected_mosaics(truth) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+def expected_mosaics(truth) -> tuple[np.ndarray, np.ndarray, list]:
     """The ground truth rasterised by the documented rules: ids by first pixel, the higher score on top."""
     labels = [p["label"] for p in PROMPTS]
     shapes = truth["shapes"]
@@ -105,7 +113,7 @@ def expected_mosaics(truth) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
 def test_the_synthetic_scene_has_every_hard_case(run, truth):
     """Preconditions, so the other tests test something: instances larger than a tile, overlapping each
     other, and lying whole inside the overlap of two read windows."""
-    _, _, grid, _ = run
+    grid = run.grid
     tiles = list(plan_tiles("s", (HEIGHT, WIDTH), grid))
     masks = [truth["masks"][s.phrase] for s in truth["shapes"]]
 
@@ -127,7 +135,7 @@ def test_the_synthetic_scene_has_every_hard_case(run, truth):
 
 
 def test_every_instance_appears_once_with_its_pixels(run, truth):
-    summary, _, _, _ = run
+    summary = run.summary
     assert not summary.failed
     objects = gpd.read_parquet(summary.tables["objects"]).set_index("phrase")
     assert sorted(objects.index) == sorted(s.phrase for s in truth["shapes"])
@@ -145,8 +153,8 @@ def test_every_instance_appears_once_with_its_pixels(run, truth):
 
 
 def test_disjoint_instances_are_multipolygons(run, truth):
-    """An instance cut in two by the nodata corner or the scene's edge keeps both parts in one row."""
-    summary, _, _, _ = run
+    """An instance cut in two (by the scan gap, or by another's hole) keeps all its parts in one row."""
+    summary = run.summary
     objects = gpd.read_parquet(summary.tables["objects"]).set_index("phrase")
     parts = {s.phrase: ndimage.label(truth["masks"][s.phrase])[1] for s in truth["shapes"]}
     assert any(n > 1 for n in parts.values())
@@ -157,7 +165,7 @@ def test_disjoint_instances_are_multipolygons(run, truth):
 
 
 def test_mosaics_equal_the_truth_rasterised(run, truth):
-    summary, mosaic_path, _, _ = run
+    summary, mosaic_path = run.summary, run.mosaic
     mosaic = open_mosaic(mosaic_path)
     instance, label, by_id = expected_mosaics(truth)
     assert np.array_equal(mosaic["label"].values, label)
@@ -171,7 +179,7 @@ def test_mosaics_equal_the_truth_rasterised(run, truth):
 
 
 def test_overviews_are_written(run):
-    _, mosaic_path, _, _ = run
+    mosaic_path = run.mosaic
     assert zarr.open_group(str(mosaic_path), mode="r").attrs["overviews"]["factors"] == [2, 4, 8]
     coarse = xr.open_zarr(mosaic_path, group="overviews/2", consolidated=False)
     assert np.array_equal(coarse["instance"].values, open_mosaic(mosaic_path)["instance"].values[::2, ::2])
