@@ -98,18 +98,29 @@ def merge_instances(
     }
     instances = _summaries(tiles, mosaic.shape[1])
     objects = _objects(instances, _matches(tiles, instances, grid, thresholds), grid.core, mosaic.labels)
-    painting = [
-        dask.delayed(_paint_chunk)(mosaic.path, staged, _tile_paint(instances, objects, key))
-        for key, staged in tiles.items()
-    ]
-    members, georeference = _members(instances), Georeference.of(scene)
-    owned = [
-        dask.delayed(_polygonise)([(i, _box(objects, i), members[i]) for i in ids], tiles, georeference)
-        for ids in objects.groupby(["owner_row", "owner_col"]).groups.values()
-    ]
+    shapes = _paint_and_polygonise(mosaic, tiles, instances, objects, Georeference.of(scene))
+    return _catalog_rows(objects.join(shapes), mosaic, scene)
+
+
+def _paint_and_polygonise(
+    mosaic: Mosaic,
+    tiles: dict[TileKey, StagedTile],
+    instances: pd.DataFrame,
+    objects: pd.DataFrame,
+    georeference: Georeference,
+) -> pd.DataFrame:
+    """Paint every processed chunk, and polygonise each object in its owner's task: geometry and area by id."""
+    paint, empty = _paint_orders(instances, objects), pd.DataFrame(columns=["id", "code", "score", "rank"])
+    painting = [dask.delayed(_paint_chunk)(mosaic.path, tile, paint.get(key, empty)) for key, tile in tiles.items()]
+    members = _members(instances)
+    owned = []
+    for ids in objects.groupby(["owner_row", "owner_col"]).groups.values():
+        owned_objects = [(i, _box(objects, i), members[i]) for i in ids]
+        sources = {key: tiles[key] for _, _, of_object in owned_objects for key, _ in of_object}
+        owned.append(dask.delayed(_polygonise)(owned_objects, sources, georeference))
     _, *polygonised = dask.compute(painting, *owned)
-    shapes = pd.DataFrame([row for rows in polygonised for row in rows], columns=["id", "geometry", "area"])
-    return _catalog_rows(objects.join(shapes.set_index("id")), mosaic, scene)
+    rows = [row for rows in polygonised for row in rows]
+    return pd.DataFrame(rows, columns=["id", "geometry", "area"]).set_index("id")
 
 
 def _summaries(tiles: dict[TileKey, StagedTile], width: int) -> pd.DataFrame:
@@ -274,11 +285,13 @@ def _objects(instances: pd.DataFrame, edges: np.ndarray, core: int, labels: Sequ
     return objects.set_index("id", drop=False)
 
 
-def _tile_paint(instances: pd.DataFrame, objects: pd.DataFrame, key: TileKey) -> pd.DataFrame:
-    """Tile ``key``'s staged instances (by local index) that belong to an object: id, code, score, rank."""
-    mine = instances[(instances["tile_row"] == key[0]) & (instances["tile_col"] == key[1]) & (instances["object"] > 0)]
-    found = objects.loc[mine["object"], ["id", "code", "score", "rank"]]
-    return found.set_index(mine["local"].to_numpy())
+def _paint_orders(instances: pd.DataFrame, objects: pd.DataFrame) -> dict[TileKey, pd.DataFrame]:
+    """Per tile, its staged instances (by local index) that belong to an object: id, code, score, rank."""
+    belonging = instances[instances["object"] > 0]
+    return {
+        key: objects.loc[mine["object"], ["id", "code", "score", "rank"]].set_index(mine["local"].to_numpy())
+        for key, mine in belonging.groupby(["tile_row", "tile_col"])
+    }
 
 
 def _paint_chunk(store: str, staged: StagedTile, paint: pd.DataFrame) -> None:

@@ -235,6 +235,30 @@ def test_a_scene_without_instances_has_no_objects_and_a_background_mosaic(ray_se
     assert not mosaic["instance"].values.any()
 
 
+def test_a_failed_tile_stays_nodata_and_its_neighbours_instances_appear_once(ray_session, scene_file, tmp_path, truth):
+    grid = TileGrid(48, 12)
+    failed = next(t for t in plan_tiles(scene_file.stem, (HEIGHT, WIDTH), grid) if (t.row, t.col) == (1, 2))
+    lost = np.zeros((HEIGHT, WIDTH), bool)
+    lost[failed.core_window.toslices()] = True
+    masks = {phrase: mask & ~lost for phrase, mask in truth["masks"].items()}
+    shapes = [s for s in truth["shapes"] if masks[s.phrase].any()]
+    assert any(masks[s.phrase].sum() < truth["masks"][s.phrase].sum() for s in shapes)  # instances were cut
+    model = {"name": "synthetic-instances", "options": {**SHAPES, "fail_tiles": [failed.tile_id]}}
+    job = write_job(
+        tmp_path / "job.yaml", scenes=[str(scene_file)], prompts=PROMPTS, model=model,
+        tiling={"core": grid.core, "overlap": grid.overlap},
+    )  # fmt: skip
+    summary = run_job(load_job(job))
+    assert [t.tile_id for t in summary.failed_tiles] == [failed.tile_id]
+    objects = gpd.read_parquet(summary.tables["objects"]).set_index("phrase")
+    assert sorted(objects.index) == sorted(s.phrase for s in shapes)
+    assert all(objects.loc[s.phrase, "pixels"] == masks[s.phrase].sum() for s in shapes)
+    mosaic = open_mosaic(summary.output / "mosaics" / f"{scene_file.stem}.zarr")
+    instance, label, _ = expected_mosaics({"shapes": shapes, "masks": masks, "valid": truth["valid"] & ~lost})
+    assert np.array_equal(mosaic["label"].values, label) and (label[lost] == LABEL_NODATA).all()
+    assert np.array_equal(mosaic["instance"].values, instance)
+
+
 def square(top: int, left: int, size: int, shape=(12, 12)) -> np.ndarray:
     mask = np.zeros(shape, bool)
     mask[top : top + size, left : left + size] = True

@@ -161,6 +161,7 @@ class SyntheticInstances:
     its border is the scene's edge. ``edge_erosion`` px along each read-window side that cuts the extent
     are dropped from every mask, as a model sees less near a cut: counterparts on neighbouring tiles then
     differ (IoU < 1). With ``edge_erosion`` at most the tiling's overlap, every core pixel is still seen.
+    Like ``fixed-cost``, it raises on the tiles named in ``fail_tiles``.
     """
 
     name = "synthetic-instances"
@@ -174,10 +175,12 @@ class SyntheticInstances:
         extent: Sequence[int] = (512, 512),
         max_size: float = 96,
         edge_erosion: int = 0,
+        fail_tiles: Sequence[str] = (),
     ) -> None:
         extent = (int(extent[0]), int(extent[1]))
         self.shape_options = {"seed": int(seed), "count": int(count), "extent": extent, "max_size": max_size}
         self.edge_erosion = int(edge_erosion)
+        self.fail_tiles = frozenset(fail_tiles)
 
     def required_bands(self, prompts: Sequence[Prompt]) -> tuple[str, ...]:
         return ("red",)  # read only for its validity: nodata pixels are never labelled
@@ -186,6 +189,8 @@ class SyntheticInstances:
         return synthetic_instances([p.label for p in prompts], **self.shape_options)
 
     def __call__(self, tile: TileInput, prompts: Sequence[Prompt]) -> TileResult:
+        if tile.tile.tile_id in self.fail_tiles:
+            raise RuntimeError(f"injected model failure on tile {tile.tile.tile_id}")
         window = tile.tile.read_window
         seen = tile.valid & _away_from_cuts(window, self.shape_options["extent"], self.edge_erosion)
         instances: dict[str, list[Instance]] = {p.label: [] for p in prompts}
