@@ -7,7 +7,7 @@ Chunks never written read back as their fill value, so a failed tile is nodata, 
 
 Arrays, all on the scene grid (``y``, ``x``):
 - ``label`` (uint8): 0 background, ``i`` the ``i``-th prompt's label, 255 nodata / not processed;
-  where prompts overlap the earlier prompt in the job wins;
+  where prompts overlap the earlier prompt in the job wins (for instance models: the higher score);
 - ``score`` (float32): the model's confidence for the pixel's label, NaN where nodata;
 - ``instance`` (uint32): the object id (see ``vectorize``, or ``instances`` for instance models), 0 where
   no object.
