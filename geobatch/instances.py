@@ -24,7 +24,8 @@ tiles are processed, in which no task holds more than a few tiles' instances:
 5. per owning tile: each object's mask is assembled over its box from its members' staged masks and
    polygonised whole (memory: one object's box), so overlapping objects keep their whole polygons.
 
-Needs an overlap > 0: without one, the two parts of an instance cut by a seam share no pixel to match on.
+Needs an overlap > 0 (the pipeline refuses a job without): otherwise the two parts of an instance cut by a
+seam share no pixel to match on.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from ray.util.dask import ray_dask_get
 
 from geobatch import catalog
 from geobatch.access import Access
-from geobatch.errors import GeobatchError
+from geobatch.errors import GeobatchError, JobSpecError
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
 from geobatch.instances import merge_instances
 from geobatch.jobs import JobSpec
@@ -106,6 +106,9 @@ def run_job(
     started = time.perf_counter()
     prompts = [Prompt(p.text, p.kind, p.label) for p in spec.prompts]
     model = load_model(spec.model.name, spec.model.options)
+    objects = objects_of(model)
+    if objects == "instances" and spec.tiling.overlap == 0:  # views of one instance are matched on the overlap
+        raise JobSpecError(f"job '{spec.name}': tiling.overlap must be > 0 for '{spec.model.name}', an instance model")
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
@@ -115,7 +118,6 @@ def run_job(
     mosaic_dir = spec.output / "mosaics"
     finished = {s.scene_id: outcome for s in scenes if (outcome := _finished(ledger, s, mosaic_dir))}
     active = [s for s in scenes if s.scene_id not in finished]
-    objects = objects_of(model)
     mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed, objects) for s in active}
     skip = ledger.finished_tiles(s.scene_id for s in active)
     if total_tiles:

@@ -15,6 +15,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from scipy import ndimage
 
+from geobatch.errors import JobSpecError
 from geobatch.instances import MatchThresholds, match_masks, merge_instances
 from geobatch.jobs import JobSpec, load_job
 from geobatch.models.base import Prompt, TileInput, load_model
@@ -257,6 +258,14 @@ def test_a_failed_tile_stays_nodata_and_its_neighbours_instances_appear_once(ray
     instance, label, _ = expected_mosaics({"shapes": shapes, "masks": masks, "valid": truth["valid"] & ~lost})
     assert np.array_equal(mosaic["label"].values, label) and (label[lost] == LABEL_NODATA).all()
     assert np.array_equal(mosaic["instance"].values, instance)
+
+
+def test_an_instance_model_without_overlap_is_a_bad_job(scene_file, tmp_path):
+    model = {"name": "synthetic-instances", "options": SHAPES}
+    job = write_job(tmp_path / "job.yaml", scenes=[str(scene_file)], model=model, tiling={"core": 64, "overlap": 0})
+    with pytest.raises(JobSpecError, match="tiling.overlap must be > 0"):
+        run_job(load_job(job))
+    assert not (tmp_path / "out").exists()
 
 
 def square(top: int, left: int, size: int, shape=(12, 12)) -> np.ndarray:
