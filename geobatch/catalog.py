@@ -164,17 +164,21 @@ def scene_object_columns(
     rows: pa.Table, scene_id: str, acquired_at: dt.datetime | None, run_id: str, model: str, phrases: dict[str, str]
 ) -> pa.Table:
     """A scene's object rows (``object_id``, ``label``, ``score``, ``pixels``, ``area_m2``, ``geometry``,
-    ``bbox``) with the catalog's other columns, in the catalog's column order."""
+    ``bbox``, and ``phrase`` where the model gave one) with the catalog's other columns, in its column order.
+
+    Rows without a phrase get their prompt's text (``phrases``: label -> text).
+    """
     n = len(rows)
-    labels = rows.column("label").to_pylist()
+    prompt_text = pa.array([phrases.get(label) for label in rows.column("label").to_pylist()], pa.string())
     columns = {
         "scene_id": pa.array([scene_id] * n, pa.string()),
-        "phrase": pa.array([phrases.get(label) for label in labels], pa.string()),
+        "phrase": pc.coalesce(rows.column("phrase"), prompt_text) if "phrase" in rows.column_names else prompt_text,
         "acquired_at": pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")),
         "run_id": pa.array([run_id] * n, pa.string()),
         "model": pa.array([model] * n, pa.string()),
     }
-    return pa.table({name: columns[name] if name in columns else rows.column(name) for name in (*OBJECT_COLUMNS, "geometry", "bbox")})
+    names = (*OBJECT_COLUMNS, "geometry", "bbox")
+    return pa.table({name: columns[name] if name in columns else rows.column(name) for name in names})
 
 
 def write_scene_objects(

@@ -34,11 +34,12 @@ from ray.util.dask import ray_dask_get
 
 from geobatch import catalog
 from geobatch.access import Access
-from geobatch.errors import GeobatchError
+from geobatch.errors import GeobatchError, JobSpecError
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
+from geobatch.instances import merge_instances
 from geobatch.jobs import JobSpec
 from geobatch.ledger import Ledger, job_fingerprint
-from geobatch.models.base import Prompt, load_model
+from geobatch.models.base import ObjectKind, Prompt, load_model, objects_of
 from geobatch.regions import make_region
 from geobatch.scenes import Region, Scene, SceneFailure, SceneLike, discover, open_scene
 from geobatch.stitch import Mosaic, add_overviews, create_mosaic
@@ -108,6 +109,9 @@ def run_job(
     started = time.perf_counter()
     prompts = [Prompt(p.text, p.kind, p.label) for p in spec.prompts]
     model = load_model(spec.model.name, spec.model.options)
+    objects = objects_of(model)
+    if objects == "instances" and spec.tiling.overlap == 0:  # views of one instance are matched on the overlap
+        raise JobSpecError(f"job '{spec.name}': tiling.overlap must be > 0 for '{spec.model.name}', an instance model")
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
@@ -119,7 +123,7 @@ def run_job(
     mosaic_dir = spec.output / "mosaics"
     finished = {s.scene_id: outcome for s in scenes if (outcome := _finished(ledger, s, mosaic_dir))}
     active = [s for s in scenes if s.scene_id not in finished]
-    mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed) for s in active}
+    mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed, objects) for s in active}
     skip = ledger.finished_tiles(s.scene_id for s in active)
     if total_tiles:
         count = {s.scene_id: math.prod(grid.layout(s.shape)) for s in scenes}
@@ -228,12 +232,14 @@ def _finished(ledger: Ledger, scene: SceneLike, mosaic_dir: Path) -> SceneOutcom
     return outcome
 
 
-def _staged_mosaic(scene: SceneLike, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool) -> Mosaic:
+def _staged_mosaic(
+    scene: SceneLike, grid: TileGrid, labels: list[str], mosaic_dir: Path, resume: bool, objects: ObjectKind
+) -> Mosaic:
     """The scene's ``.zarr.partial`` mosaic: kept when resuming (its chunks are finished tiles), else new."""
     partial, final = mosaic_dir / f"{scene.scene_id}.zarr.partial", mosaic_dir / f"{scene.scene_id}.zarr"
     if resume and final.exists() and not partial.exists():
         final.rename(partial)  # published with failed tiles: reopened to add the retried ones
-    return create_mosaic(scene, grid, labels, partial, keep_existing=resume)
+    return create_mosaic(scene, grid, labels, partial, keep_existing=resume, objects=objects)
 
 
 def _publish(mosaic_dir: Path, scene_id: str) -> None:
@@ -266,7 +272,11 @@ def _finish_scene(
         outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts)
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
-    batches = (_catalogue_objects(rows, scene, spec, ledger.run_id, prompts) for rows in vectorize(mosaic, scene))
+    if mosaic.objects == "instances":
+        found = [catalog.geoparquet_table(merge_instances(mosaic, scene, grid))]
+    else:
+        found = vectorize(mosaic, scene)
+    batches = (_catalogue_objects(rows, scene, spec, ledger.run_id, prompts) for rows in found)
     files = catalog.write_scene_objects(spec.output, batches, ledger.run_id, scene.scene_id)
     add_overviews(mosaic)
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)

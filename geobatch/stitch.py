@@ -7,15 +7,24 @@ Chunks never written read back as their fill value, so a failed tile is nodata, 
 
 Arrays, all on the scene grid (``y``, ``x``):
 - ``label`` (uint8): 0 background, ``i`` the ``i``-th prompt's label, 255 nodata / not processed;
-  where prompts overlap the earlier prompt in the job wins;
+  where prompts overlap the earlier prompt in the job wins (for instance models: the higher score);
 - ``score`` (float32): the model's confidence for the pixel's label, NaN where nodata;
-- ``instance`` (uint64): the object id, its first pixel's ``row * width + col + 1`` (see ``vectorize``), 0 where no object.
+- ``instance`` (uint64): the object id, 0 where no object: the object's first pixel ``row * width + col + 1``
+  (see ``vectorize``), or for instance models 1..n in first-pixel order (see ``instances``).
 
 Finished mosaics also hold coarser levels for viewers, ``overviews/2``, ``overviews/4``... (``add_overviews``).
+
+For instance models (``Mosaic.objects == "instances"``) a tile cannot paint its core: its instances
+overlap and are cut by its read window, and must first be merged with the neighbours' (``instances``).
+Such a tile writes its chunk as background / nodata only and stages its instances, whole over its read
+window, in ``<scene_id>.tile_instances/r{row}c{col}.parquet`` beside the mosaic (:func:`stage_instances`;
+beside, because Zarr readers warn about foreign files inside a store). They are kept with the mosaic, so a
+resumed run that retries failed tiles can merge them again.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +32,13 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
-from geobatch.models.base import TileResult
+from geobatch.models.base import ObjectKind, TileResult
 from geobatch.scenes import Scene
 from geobatch.tiling import Tile, TileGrid
 
@@ -51,24 +62,41 @@ class Mosaic:
     shape: tuple[int, int]
     chunk: int
     labels: tuple[str, ...]  # label code i + 1 -> labels[i]
+    objects: ObjectKind = "components"  # how tiles write: painted cores, or staged instances
 
     def code(self, label: str) -> int:
         return self.labels.index(label) + 1
 
+    @property
+    def staged_folder(self) -> Path:
+        """Where the tiles of an instance model stage their instances."""
+        return Path(self.path).parent / f"{self.scene_id}.tile_instances"
+
+    def staged_instances(self, row: int, col: int) -> Path:
+        """The file where tile ``(row, col)`` stages its instances."""
+        return self.staged_folder / f"r{row}c{col}.parquet"
+
 
 def create_mosaic(
-    scene: Scene, grid: TileGrid, labels: Sequence[str], path: Path, keep_existing: bool = False
+    scene: Scene,
+    grid: TileGrid,
+    labels: Sequence[str],
+    path: Path,
+    keep_existing: bool = False,
+    objects: ObjectKind = "components",
 ) -> Mosaic:
     """Declare an empty mosaic for ``scene`` at ``path``; writes no pixel chunk.
 
-    A mosaic already at ``path`` is replaced, or with ``keep_existing`` kept with the chunks written so far.
+    A mosaic already at ``path`` is replaced, or with ``keep_existing`` kept with the chunks written so far
+    (and the instances staged so far).
     """
     if len(labels) > MAX_LABELS:
         raise ValueError(f"a mosaic holds at most {MAX_LABELS} labels, got {len(labels)}")
-    mosaic = Mosaic(scene.scene_id, str(path), scene.shape, grid.core, tuple(labels))
+    mosaic = Mosaic(scene.scene_id, str(path), scene.shape, grid.core, tuple(labels), objects)
     if keep_existing and Path(path).exists():
         return mosaic
     shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(mosaic.staged_folder, ignore_errors=True)
     height, width = scene.shape
     affine = scene.geobox.affine
     coords = {
@@ -105,15 +133,63 @@ def compose(mosaic: Mosaic, result: TileResult, valid: np.ndarray) -> tuple[np.n
 
 
 def write_tile(mosaic: Mosaic, tile: Tile, result: TileResult, valid: np.ndarray) -> int:
-    """Write the core of one tile's result into its own chunk; returns the number of labelled pixels."""
+    """Write the core of one tile's result into its own chunk; returns the number of labelled pixels.
+
+    For instance models the instances are staged and the chunk gets background / nodata only.
+    """
     label, score = compose(mosaic, result, valid)
     core = tile.core_in_read
+    core_label, core_score = label[core], score[core]
+    labelled = int(np.count_nonzero((core_label != LABEL_BACKGROUND) & (core_label != LABEL_NODATA)))
+    if mosaic.objects == "instances":  # painted once merged with the neighbours' instances
+        stage_instances(mosaic, tile, result)
+        core_label = np.where(core_label == LABEL_NODATA, LABEL_NODATA, LABEL_BACKGROUND).astype(np.uint8)
+        core_score = np.where(np.isnan(core_score), np.float32(np.nan), np.float32(0))
     rows, cols = tile.core_window.toslices()
     group = zarr.open_group(mosaic.path, mode="r+")
-    group["label"][rows, cols] = label[core]
-    group["score"][rows, cols] = score[core]
-    core_label = label[core]
-    return int(np.count_nonzero((core_label != LABEL_BACKGROUND) & (core_label != LABEL_NODATA)))
+    group["label"][rows, cols] = core_label
+    group["score"][rows, cols] = core_score
+    return labelled
+
+
+STAGED_SCHEMA = pa.schema(
+    [
+        ("label", pa.string()),
+        ("score", pa.float64()),
+        ("phrase", pa.string()),
+        ("row", pa.int64()),  # the mask's box, in scene pixels: top, left, height, width
+        ("col", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask", pa.binary()),  # the box's pixels, row-major, np.packbits
+    ]
+)
+
+
+def stage_instances(mosaic: Mosaic, tile: Tile, result: TileResult) -> None:
+    """Write a tile's instances, each cropped to its box over the read window, to the tile's staged file.
+
+    The file replaces any earlier one atomically, so a re-run tile stages its instances once. A tile
+    with no instance writes an empty file: it is done, unlike a failed tile, which writes none.
+    """
+    rows = []
+    for label in mosaic.labels:
+        for instance in result.instances.get(label, []):
+            (r0, r1), (c0, c1) = (np.flatnonzero(instance.mask.any(axis=a))[[0, -1]] for a in (1, 0))
+            box = instance.mask[r0 : r1 + 1, c0 : c1 + 1]
+            top, left = tile.read_window.row_off + int(r0), tile.read_window.col_off + int(c0)
+            rows.append((label, instance.score, instance.phrase, top, left, *box.shape, np.packbits(box).tobytes()))
+    table = pa.Table.from_pylist([dict(zip(STAGED_SCHEMA.names, row)) for row in rows], schema=STAGED_SCHEMA)
+    target = mosaic.staged_instances(tile.row, tile.col)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, target)
+
+
+def staged_mask(height: int, width: int, packed: bytes) -> np.ndarray:
+    """A staged instance's mask over its box, unpacked."""
+    return np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width).astype(bool)
 
 
 def add_overviews(mosaic: Mosaic) -> list[int]:

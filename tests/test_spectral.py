@@ -19,7 +19,9 @@ def tile_input(green, nir, red=None, valid=None) -> TileInput:
 
 def test_registry_loads_spectral_and_names_the_choices_for_unknown_models():
     assert isinstance(load_model("spectral"), Segmenter)
-    with pytest.raises(UnknownModel, match=r"unknown model 'samm'; choose from \['fixed-cost', 'spectral'\]"):
+    with pytest.raises(
+        UnknownModel, match=r"unknown model 'samm'; choose from \['fixed-cost', 'spectral', 'synthetic-instances'\]"
+    ):
         load_model("samm")
     assert "spectral" in MODELS
 

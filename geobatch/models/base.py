@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,7 +21,10 @@ from geobatch.tiling import Tile
 MODELS: dict[str, str] = {
     "spectral": "geobatch.models.spectral:Spectral",
     "fixed-cost": "geobatch.models.synthetic:FixedCost",
+    "synthetic-instances": "geobatch.models.synthetic:SyntheticInstances",
 }
+
+ObjectKind = Literal["components", "instances"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,12 @@ class Segmenter(Protocol):
     """What every backend provides.
 
     Optional: ``batch_size`` (tiles per call it wants, default 1), ``device`` (what it runs on, default
-    "cpu") and ``predict_batch(tiles, prompts) -> list[TileResult]`` for backends that batch on a GPU.
+    "cpu"), ``predict_batch(tiles, prompts) -> list[TileResult]`` for backends that batch on a GPU, and
+    ``objects`` (:data:`ObjectKind`, see :func:`objects_of`): what the catalog's objects are.
+    ``"components"`` (the default): the instances of one tile are a per-pixel labelling, and objects are
+    the connected components of each label across the whole mosaic (``vectorize``). ``"instances"``: each
+    instance is an object of its own; instances may overlap and touch, and the partial views of one
+    instance on neighbouring tiles are matched and merged into one object (``instances``).
     """
 
     name: str
@@ -77,6 +85,11 @@ class Segmenter(Protocol):
 
     def __call__(self, tile: TileInput, prompts: Sequence[Prompt]) -> TileResult:
         """Answer every prompt on one tile."""
+
+
+def objects_of(model: Segmenter) -> ObjectKind:
+    """What ``model``'s objects are: its ``objects`` attribute, ``"components"`` if it has none."""
+    return getattr(model, "objects", "components")
 
 
 def load_model(name: str, options: Mapping[str, Any] | None = None) -> Segmenter:
