@@ -249,7 +249,9 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> Bord
     score_sums = np.bincount(local, weights=np.nan_to_num(score).ravel(), minlength=n)[1:]
     areas = np.bincount(local, weights=plan.georeference.pixel_areas(*where).ravel(), minlength=n)[1:]
     border = components.border_ids()
-    inner = np.where(np.isin(components.local, border), 0, components.local)
+    on_border = np.zeros(n, bool)
+    on_border[border] = True
+    inner = np.where(on_border[components.local], 0, components.local)
     ids, shapes = polygons(boundary_runs(np.pad(inner, 1), (where[0].start, where[1].start)))
     at = ids - 1
     rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
