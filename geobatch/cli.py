@@ -1,7 +1,8 @@
 """Command line: ``geobatch run JOB.yaml``, ``geobatch query OUT --bbox ...``, ``geobatch models``.
 
 Exit status: 0 when everything ran; 2 for a bad job or bad arguments (nothing was written);
-3 when the job completed but some scenes or tiles failed (each named on stderr and in the catalog).
+3 when the job completed but some scenes or tiles failed (each named on stderr and in the catalog);
+4 when another run of the same job holds its output folder (nothing was done; try again or ``--wait``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from geobatch.models.base import MODELS
 
 EXIT_BAD_JOB = 2
 EXIT_FAILURES = 3
+EXIT_LOCKED = 4
 
 app = typer.Typer(
     add_completion=False,
@@ -70,8 +72,10 @@ def run(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     out: Annotated[Path | None, typer.Option("--out", help="Output folder; overrides the job's 'output'.")] = None,
     address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster to join.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="If another run of this job is running, wait for it.")] = False,
 ) -> None:
     """Run a job: tiles through the model on Ray, mosaics to Zarr, objects to GeoParquet."""
+    from geobatch.ledger import JobLocked
     from geobatch.pipeline import run_job  # the pipeline pulls in Ray; keep `--help` and `query` fast
     from geobatch.report import print_summary
 
@@ -83,7 +87,9 @@ def run(
             updates["ray"] = spec.ray.model_copy(update={"address": address})
         spec = spec.model_copy(update=updates)
         with _tile_progress(Console(stderr=True)) as (on_tile, total_tiles):
-            summary = run_job(spec, on_tile=on_tile, total_tiles=total_tiles)
+            summary = run_job(spec, on_tile=on_tile, total_tiles=total_tiles, wait=wait)
+    except JobLocked as exc:
+        raise _fail(str(exc), EXIT_LOCKED) from None
     except GeobatchError as exc:
         raise _fail(str(exc)) from None
     print_summary(summary, Console())

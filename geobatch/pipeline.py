@@ -36,7 +36,8 @@ from geobatch.access import Access
 from geobatch.errors import GeobatchError
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
 from geobatch.jobs import JobSpec
-from geobatch.ledger import Ledger, job_fingerprint
+from geobatch.identity import scene_identity
+from geobatch.ledger import JobLock, Ledger, job_fingerprint, product_key
 from geobatch.models.base import Prompt, load_model
 from geobatch.scenes import Scene, SceneFailure, discover, open_scene
 from geobatch.stitch import Mosaic, add_overviews, create_mosaic
@@ -75,6 +76,7 @@ class RunSummary:
     tables: dict[str, Path] = field(default_factory=dict)
     tiles_inferred: int = 0  # tiles sent to the model by this invocation (not those finished before it)
     resumed: bool = False
+    unchanged: int = 0  # scenes an earlier run processed, unchanged since: not part of this run
 
     @property
     def failed(self) -> bool:
@@ -96,9 +98,13 @@ def run_job(
     spec: JobSpec,
     on_tile: Callable[[TileOutcome], None] | None = None,
     total_tiles: Callable[[int, int], None] | None = None,
+    wait: bool = False,
 ) -> RunSummary:
     """Run ``spec`` end to end, resuming the run recorded in its output folder if there is one.
 
+    Scenes an earlier run of the job processed, and whose files are unchanged, are left alone; a run that
+    ended is followed by a new run id when anything is new. Only one run of a job works in its output
+    folder at a time: if another holds the lock this raises :class:`JobLocked`, or waits with ``wait``.
     ``total_tiles(total, already_finished)`` is called once the plan is known; ``on_tile`` for each tile
     outcome as it arrives. Raises :class:`GeobatchError` only for problems with the job itself.
     """
@@ -107,8 +113,15 @@ def run_job(
     model = load_model(spec.model.name, spec.model.options)
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
+    with JobLock.acquire(spec.output, wait=wait):
+        return _run_locked(spec, started, prompts, model, bands, access, on_tile, total_tiles)
+
+
+def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_tiles) -> RunSummary:
+    """The run, once the job's lock is held (see :func:`run_job`)."""
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
     scenes, failures = _open_scenes(spec, bands, model.input_values, access)
+    scenes, identities, unchanged = _increment(ledger, product_key(spec), scenes, access)
     grid = TileGrid(spec.tiling.core, spec.tiling.overlap)
     labels = [p.label for p in prompts]
     mosaic_dir = spec.output / "mosaics"
@@ -136,8 +149,12 @@ def run_job(
                     on_tile(outcome)
         with dask.config.set(scheduler=ray_dask_get):
             for scene in active:
+                catalog.supersede_scene_objects(spec.output, scene.scene_id, ledger.run_id)
                 finished[scene.scene_id] = _finish_scene(scene, mosaics[scene.scene_id], grid, ledger, spec, prompts)
 
+    for scene in scenes:  # again for scenes finished by an invocation that stopped before recording this
+        outcome = finished[scene.scene_id]
+        ledger.record_processed(product_key(spec), scene.scene_id, identities[scene.scene_id], outcome)
     scene_outcomes = [finished[s.scene_id] for s in scenes]
     scene_outcomes += [SceneOutcome(f.scene_id, f.uri, "failed", f.reason) for f in failures]
     failed_tiles = [o for s in scenes for o in ledger.tile_outcomes(s.scene_id).values() if o.status == "failed"]
@@ -159,10 +176,36 @@ def run_job(
         tables=tables,
         tiles_inferred=report.tiles if report else 0,
         resumed=ledger.resumed,
+        unchanged=len(unchanged),
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
+    ledger.end_run("failed" if summary.failed else "ok")
     ledger.close()
     return summary
+
+
+def _increment(ledger: Ledger, product: str, scenes: list[Scene], access: Access):
+    """Split the scenes into this run's and those an earlier run processed with the same files.
+
+    Starts the next run when the recorded one ended and anything is new, changed or unfinished; forgets
+    the staged work of a scene whose files changed while this run was interrupted. Returns this run's
+    scenes, every scene's identity, and the unchanged scenes.
+    """
+    identities = {s.scene_id: scene_identity(s, access) for s in scenes}
+    processed = ledger.processed(product)
+
+    def current(scene: Scene) -> bool:
+        return scene.scene_id in processed and processed[scene.scene_id].current(identities[scene.scene_id])
+
+    if ledger.ended and not all(current(s) for s in scenes):
+        ledger.start_next_run()
+    mine = [s for s in scenes if not current(s) or processed[s.scene_id].run_id == ledger.run_id]
+    for scene in mine:
+        if ledger.stage(scene.scene_id, identities[scene.scene_id]):  # True: staged earlier with other files
+            log.info("scene %s changed while the run was stopped; starting it again", scene.scene_id)
+            shutil.rmtree(ledger.folder.parent / "mosaics" / f"{scene.scene_id}.zarr.partial", ignore_errors=True)
+    ours = {s.scene_id for s in mine}
+    return mine, identities, [s for s in scenes if s.scene_id not in ours]
 
 
 def _open_scenes(

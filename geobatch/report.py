@@ -44,6 +44,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
             if summary.resumed
             else []
         ),
+        *([f"unchanged: {summary.unchanged} scene(s) processed by earlier runs"] if summary.unchanged else []),
         f"mosaics: {summary.output / 'mosaics'}",
         *(f"{name}: {path}" for name, path in summary.tables.items()),
     ]

@@ -1,0 +1,83 @@
+"""Scene identity: what a scene's files are now, so that a nightly run knows which scenes changed.
+
+A scene's identity is a short hash of each of its files' identities (local: size and modification time;
+HTTP(S): ``ETag``, else ``Last-Modified`` and ``Content-Length`` from a HEAD request; S3: the object's
+``ETag``) together with what discovery decided about the scene (band sources, acquisition time, grid).
+A file replaced in place therefore changes its scene's identity, and the scene is processed again.
+Costs one ``stat`` per local file and one HEAD request per remote one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.request
+
+from geobatch.access import Access, is_remote
+from geobatch.scenes import Scene
+
+log = logging.getLogger(__name__)
+
+
+def scene_identity(scene: Scene, access: Access | None = None) -> str:
+    """A hash that changes when any of the scene's files changes (size, mtime or ETag) or its description does."""
+    files = sorted({scene.uri, *(source.uri for source in scene.bands.values())} - {""})
+    described = {
+        "files": {uri: file_identity(uri, access) for uri in files},
+        "bands": {name: repr(source) for name, source in sorted(scene.bands.items())},
+        "acquired_at": scene.acquired_at.isoformat() if scene.acquired_at else None,
+        "grid": [list(scene.shape), list(scene.geobox.affine)[:6], str(scene.geobox.crs)],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_identity(uri: str, access: Access | None = None) -> str:
+    """``size:mtime_ns`` of a local file, the ETag (or Last-Modified and size) of a remote one.
+
+    A remote file whose server answers no identity gives ``""``: it counts as unchanged once processed.
+    """
+    if not is_remote(uri):
+        try:
+            info = os.stat(uri)
+        except OSError:
+            return ""  # a STAC item's own href or a missing file: the scene failed at open anyway
+        return f"{info.st_size}:{info.st_mtime_ns}"
+    if uri.startswith(("http://", "https://")):
+        return _http_identity(uri)
+    if uri.startswith("s3://"):
+        return _s3_identity(uri, access)
+    return ""
+
+
+def _http_identity(uri: str) -> str:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(uri, method="HEAD"), timeout=30) as response:
+            headers = response.headers
+    except OSError as exc:
+        log.warning("no identity for %s (%s): it counts as unchanged once processed", uri, exc)
+        return ""
+    if headers.get("ETag"):
+        return f"etag:{headers['ETag']}"
+    return f"{headers.get('Content-Length', '')}:{headers.get('Last-Modified', '')}"
+
+
+def _s3_identity(uri: str, access: Access | None) -> str:
+    try:
+        import boto3
+    except ImportError:
+        log.warning("boto3 is not installed: s3 scenes count as unchanged once processed")
+        return ""
+    options = access.gdal_options if access else {}
+    endpoint = options.get("AWS_S3_ENDPOINT")
+    if endpoint:
+        endpoint = ("http://" if options.get("AWS_HTTPS") == "NO" else "https://") + endpoint
+    session = boto3.Session(profile_name=options.get("AWS_PROFILE"), region_name=options.get("AWS_REGION"))
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        head = session.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # botocore's errors have no common importable root without botocore
+        log.warning("no identity for %s (%s): it counts as unchanged once processed", uri, exc)
+        return ""
+    return f"etag:{head.get('ETag', '')}"
