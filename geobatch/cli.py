@@ -260,6 +260,38 @@ def sql(
     _print_rows(frame, list(frame.columns))
 
 
+@app.command()
+def changes(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (or its catalog folder).")],
+    label: Annotated[str, typer.Option(help="The objects' label, e.g. water.")],
+    before: Annotated[str, typer.Option(help="Earlier objects: a run id, or a date YYYY[-MM[-DD]] of acquisition.")],
+    after: Annotated[str, typer.Option(help="Later objects: a run id, or a date YYYY[-MM[-DD]] of acquisition.")],
+    bbox: Annotated[str | None, typer.Option(help="minx,miny,maxx,maxy in EPSG:4326 (lon/lat).")] = None,
+    min_iou: Annotated[float, typer.Option(help="Least IoU for two objects to be the same object.")] = 0.1,
+    changed_iou: Annotated[float, typer.Option(help="Matched objects with a lower IoU changed shape.")] = 0.5,
+    area_change: Annotated[float, typer.Option(help="Matched objects whose area changed by more (0.2 = 20%).")] = 0.2,
+    to: Annotated[Path | None, typer.Option(help="GeoParquet file to write (default OUT/changes/...).")] = None,
+) -> None:
+    """Objects that appeared, disappeared or changed between two acquisitions (IoU matching) -> GeoParquet."""
+    from geobatch import changes as change_detection
+
+    region = _parse_bbox(bbox)
+    opened = _open_catalog(output)
+    try:
+        thresholds = change_detection.Thresholds(min_iou, changed_iou, area_change)
+        earlier = change_detection.select(opened, label, before, region)
+        later = change_detection.select(opened, label, after, region)
+    except ValueError as exc:  # BadSelection, or thresholds out of range
+        raise _fail(str(exc)) from None
+    found = change_detection.changes(earlier, later, thresholds)
+    target = to or opened.root.parent / "changes" / f"{label}_{before}_{after}.parquet"
+    catalog.write_geoparquet(found, target)
+    counts = found["change"].value_counts()
+    kinds = ", ".join(f"{kind}: {counts.get(kind, 0)}" for kind in ("appeared", "disappeared", "changed"))
+    print(f"{label} {before} -> {after}: {len(earlier)} before, {len(later)} after; {kinds}")
+    print(f"changes: {target}")
+
+
 catalog_app = typer.Typer(help="Maintain a catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 

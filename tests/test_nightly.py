@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import shapely
 from conftest import SHARED_DATA, write_job
 from typer.testing import CliRunner
 
@@ -196,3 +198,79 @@ def test_a_lock_without_heartbeat_is_stale_a_live_one_is_not(tmp_path):
         assert taken.token != held.token
     assert lock_holder(tmp_path) is None
     held.release()  # its row is gone: releasing touches nothing
+
+
+@pytest.fixture(scope="module")
+def two_dates(ray_session, tmp_path_factory):
+    """Water on the 2009 and 2020 NAIP dates of one place, in one catalog."""
+    folder = tmp_path_factory.mktemp("changes")
+    scenes = [{"uri": str(naip(d)), "acquired_at": f"{d[:4]}-{d[4:6]}-{d[6:]}"} for d in ("20090818", "20200831")]
+    job = write_job(folder / "job.yaml", scenes=scenes)
+    summary = run_job(load_job(job))
+    assert [s.status for s in summary.scenes] == ["done", "done"]
+    return folder / "out"
+
+
+def brute_force_changes(before, after, min_iou=0.1, changed_iou=0.5, area_change=0.2):
+    """Every before object against every after object (no index), then one-to-one by best IoU first."""
+    shapes_b = before.geometry.to_crs(32614).to_numpy()
+    shapes_a = after.geometry.to_crs(32614).to_numpy()
+    pairs = []
+    for i, shape_b in enumerate(shapes_b):
+        for j in np.flatnonzero(shapely.intersects(shape_b, shapes_a)):
+            inter = shape_b.intersection(shapes_a[j]).area
+            iou = inter / (shape_b.area + shapes_a[j].area - inter)
+            if iou >= min_iou:
+                pairs.append((-iou, before["object_id"][i], after["object_id"][j], i, j))
+    taken_b, taken_a, changed = set(), set(), 0
+    for negative_iou, _, _, i, j in sorted(pairs):
+        if i in taken_b or j in taken_a:
+            continue
+        taken_b.add(i)
+        taken_a.add(j)
+        ratio = after["area_m2"][j] / before["area_m2"][i]
+        changed += -negative_iou < changed_iou or abs(ratio - 1) > area_change
+    return {"appeared": len(after) - len(taken_a), "disappeared": len(before) - len(taken_b), "changed": changed}
+
+
+def test_changes_between_2009_and_2020_equal_a_brute_force_matching(two_dates, tmp_path):
+    target = tmp_path / "water_changes.parquet"
+    arguments = ["changes", str(two_dates), "--label", "water", "--before", "2009", "--after", "2020-08"]
+    result = runner.invoke(app, [*arguments, "--to", str(target)])
+    assert result.exit_code == 0, result.output
+    found = catalog.gpd.read_parquet(target)
+    counts = found["change"].value_counts().to_dict()
+    objects = catalog_objects(two_dates)
+    before = objects[objects["acquired_at"].dt.year == 2009].reset_index(drop=True)
+    after = objects[objects["acquired_at"].dt.year == 2020].reset_index(drop=True)
+    expected = brute_force_changes(before, after)
+    assert {k: counts.get(k, 0) for k in expected} == expected
+    assert expected["appeared"] > 0 and expected["disappeared"] > 0  # ponds come and go over 11 years
+    appeared = found[found["change"] == "appeared"]
+    assert appeared["after_id"].isin(after["object_id"]).all() and appeared["before_id"].isna().all()
+    disappeared = found[found["change"] == "disappeared"]
+    assert disappeared["before_id"].isin(before["object_id"]).all() and disappeared["after_id"].isna().all()
+    changed = found[found["change"] == "changed"]
+    assert changed["before_id"].notna().all() and changed["after_id"].notna().all()
+    assert found["before_id"].dropna().is_unique and found["after_id"].dropna().is_unique
+    assert f"appeared: {expected['appeared']}, disappeared: {expected['disappeared']}" in result.stdout
+
+
+def test_changes_within_a_bbox_and_by_unknown_selections(two_dates, tmp_path):
+    box = "-99.16,47.00,-99.15,47.02"
+    target = tmp_path / "box.parquet"
+    arguments = ["changes", str(two_dates), "--label", "water", "--before", "2009-08-18", "--after", "2020"]
+    result = runner.invoke(app, [*arguments, "--bbox", box, "--to", str(target)])
+    assert result.exit_code == 0, result.output
+    found = catalog.gpd.read_parquet(target)
+    region = shapely.box(-99.16, 47.00, -99.15, 47.02)
+    objects = catalog.open(two_dates).query(bbox=(-99.16, 47.00, -99.15, 47.02), label="water")
+    before = objects[objects["acquired_at"].dt.year == 2009].reset_index(drop=True)
+    after = objects[objects["acquired_at"].dt.year == 2020].reset_index(drop=True)
+    expected = brute_force_changes(before, after)
+    assert found["change"].value_counts().reindex(list(expected), fill_value=0).to_dict() == expected
+    assert shapely.intersects(found.geometry.to_numpy(), region).all()
+    bad = runner.invoke(app, [*arguments[:-2], "--after", "yesterday"])
+    assert bad.exit_code == 2 and "neither a run id" in bad.stderr
+    empty = runner.invoke(app, [*arguments[:-2], "--after", "1999"])
+    assert empty.exit_code == 2 and "no 'water' objects for '1999'" in empty.stderr
