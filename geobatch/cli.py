@@ -292,6 +292,21 @@ def changes(
     print(f"changes: {target}")
 
 
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="A job's output folder.")],
+    run_id: Annotated[str | None, typer.Argument(help="The run (default: the latest run in OUTPUT).")] = None,
+) -> None:
+    """Write a run's HTML report with PNG quicklooks (OUTPUT/reports/RUN_ID/index.html); runs do it themselves."""
+    from geobatch.run_report import write_report
+
+    try:
+        page = write_report(output, run_id)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    print(f"report: {page}")
+
+
 catalog_app = typer.Typer(help="Maintain a catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 

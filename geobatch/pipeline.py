@@ -77,6 +77,7 @@ class RunSummary:
     tiles_inferred: int = 0  # tiles sent to the model by this invocation (not those finished before it)
     resumed: bool = False
     unchanged: int = 0  # scenes an earlier run processed, unchanged since: not part of this run
+    report: Path | None = None  # the run's HTML report (reports/<run_id>/index.html)
 
     @property
     def failed(self) -> bool:
@@ -179,9 +180,21 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
         unchanged=len(unchanged),
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
+    summary = dataclasses.replace(summary, report=_write_report(spec.output, ledger.run_id))
     ledger.end_run("failed" if summary.failed else "ok")
     ledger.close()
     return summary
+
+
+def _write_report(output: Path, run_id: str) -> Path | None:
+    """The run's HTML report; a report that cannot be written is logged, it never fails the run."""
+    from geobatch.run_report import write_report
+
+    try:
+        return write_report(output, run_id)
+    except Exception:
+        log.exception("could not write the report of run %s; `geobatch report %s %s` retries", run_id, output, run_id)
+        return None
 
 
 def _increment(ledger: Ledger, product: str, scenes: list[Scene], access: Access):
@@ -394,6 +407,7 @@ def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | No
         "seconds": round(summary.seconds, 3),
         "tiles": dict(summary.tiles),
         "tiles_inferred": summary.tiles_inferred,
+        "unchanged": summary.unchanged,
         "scenes": [dataclasses.asdict(s) for s in summary.scenes],
         "objects_per_label": summary.objects_per_label,
         "inference": inference,

@@ -46,6 +46,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         ),
         *([f"unchanged: {summary.unchanged} scene(s) processed by earlier runs"] if summary.unchanged else []),
         f"mosaics: {summary.output / 'mosaics'}",
+        *([f"report: {summary.report}"] if summary.report else []),
         *(f"{name}: {path}" for name, path in summary.tables.items()),
     ]
     for line in lines:
