@@ -66,6 +66,7 @@ def _http_identity(uri: str) -> str:
 def _s3_identity(uri: str, access: Access | None) -> str:
     try:
         import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         log.warning("boto3 is not installed: s3 scenes count as unchanged once processed")
         return ""
@@ -77,7 +78,7 @@ def _s3_identity(uri: str, access: Access | None) -> str:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     try:
         head = session.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)
-    except Exception as exc:  # botocore's errors have no common importable root without botocore
+    except (BotoCoreError, ClientError) as exc:
         log.warning("no identity for %s (%s): it counts as unchanged once processed", uri, exc)
         return ""
     return f"etag:{head.get('ETag', '')}"

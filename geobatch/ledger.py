@@ -31,9 +31,10 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from geobatch.errors import GeobatchError
 from geobatch.infer import TileOutcome
@@ -296,7 +297,7 @@ class JobLock:
         with contextlib.closing(_connect(self.path)) as db:
             db.execute("delete from lock where token = ?", (self.token,))
 
-    def __enter__(self) -> JobLock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

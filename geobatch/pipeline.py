@@ -34,9 +34,9 @@ from ray.util.dask import ray_dask_get
 from geobatch import catalog
 from geobatch.access import Access
 from geobatch.errors import GeobatchError
+from geobatch.identity import scene_identity
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
 from geobatch.jobs import JobSpec
-from geobatch.identity import scene_identity
 from geobatch.ledger import JobLock, Ledger, job_fingerprint, product_key
 from geobatch.models.base import Prompt, load_model
 from geobatch.scenes import Scene, SceneFailure, discover, open_scene

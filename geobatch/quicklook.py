@@ -16,8 +16,8 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import rasterio
-import shapely
 import rioxarray  # noqa: F401 (the .rio accessor)
+import shapely
 import xarray as xr
 import zarr
 from affine import Affine
@@ -73,12 +73,12 @@ def quicklook(
     objects: gpd.GeoDataFrame | None,
     labels: list[str],
     size: int = 768,
-    access: Access = Access(),
+    access: Access | None = None,
 ) -> Path:
     """Write a PNG of the scene at ``image_uri`` with the mosaic's labels (tinted) and ``objects``
     (outlined) over it. Without a mosaic the grid is the file's, shrunk to about ``size`` pixels. Imagery
     that cannot be read (corrupt blocks) is drawn grey."""
-    with access.env(), rasterio.open(gdal_path(image_uri)) as src:
+    with (access or Access()).env(), rasterio.open(gdal_path(image_uri)) as src:
         if mosaic is not None:
             level = mosaic_level(mosaic, size)
             crs, transform = level.rio.crs, level.rio.transform()
@@ -87,7 +87,7 @@ def quicklook(
         else:
             scale = max(src.width, src.height) / size
             shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-            crs, transform = src.crs, src.transform * Affine.scale(src.width / shape[1], src.height / shape[0])
+            crs, transform = src.crs, src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0])
             label = None
         try:
             image = _imagery(src, transform, shape)
@@ -125,6 +125,6 @@ def _imagery(src: rasterio.DatasetReader, transform: Affine, shape: tuple[int, i
                      boundless=True, fill_value=0)  # fmt: skip
     data = bands.astype("float32").filled(np.nan)
     finite = data[np.isfinite(data)]
-    low, high = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
+    low, high = np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0)
     scaled = np.clip((data - low) / max(high - low, 1e-9) * 255, 0, 255)
     return np.nan_to_num(scaled, nan=0).astype(np.uint8).transpose(1, 2, 0)

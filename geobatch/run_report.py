@@ -68,7 +68,7 @@ def write_report(output: str | Path, run_id: str | None = None, quicklook_size: 
         try:
             looks[scene.scene_id] = _scene_quicklook(output, run_id, scene, folder, quicklook_size)
         except Exception as exc:  # a map that cannot be drawn must not cost the report; the page says why
-            log.warning("no quicklook for scene %s: %s", scene.scene_id, exc)
+            log.warning("no quicklook for scene %s: %s", scene.scene_id, exc, exc_info=True)
             looks[scene.scene_id] = f"no quicklook: {' '.join(str(exc).split())}"
     counts, times = _object_counts(output, run_id), _run_times(output, run_id)
     page = _page(run_id, scenes, tiles, counts, summary, looks, times, _labels(scenes) or list(counts))
@@ -161,8 +161,11 @@ def _page(run_id, scenes, tiles, objects, summary, looks, times, labels) -> str:
         busy = sum(w["busy_s"] for w in inference["workers"])
         wall = sum(w["wall_s"] for w in inference["workers"])
         parts += [
-            _row("throughput", f"{inference['tiles_per_s']:.2f} tiles/s ({inference['tiles']} tiles in "
-                               f"{inference['seconds']:.1f} s, {inference['num_actors']} model actor(s))"),  # fmt: skip
+            _row(
+                "throughput",
+                f"{inference['tiles_per_s']:.2f} tiles/s ({inference['tiles']} tiles in "
+                f"{inference['seconds']:.1f} s, {inference['num_actors']} model actor(s))",
+            ),
             _row("model busy", f"{busy / wall:.1%} of the actors' time" if wall else "n/a"),
             _row("batches in flight", f"{inference['mean_batches_in_flight']:.2f} on average"),
         ]
@@ -186,8 +189,10 @@ def _page(run_id, scenes, tiles, objects, summary, looks, times, labels) -> str:
     parts.append("</table><h2>Maps</h2>")
     parts.append(
         "<p class=key>imagery with"
-        + "".join(f"<span style='background:rgb{tuple(int(c) for c in PALETTE[i % len(PALETTE)])}'></span>{e(name)}"
-                  for i, name in enumerate(labels))  # fmt: skip
+        + "".join(
+            f"<span style='background:rgb{tuple(int(c) for c in PALETTE[i % len(PALETTE)])}'></span>{e(name)}"
+            for i, name in enumerate(labels)
+        )
         + "<span style='background:rgb(255,221,0)'></span>catalog polygons"
         + "<span style='background:rgb(60,60,60)'></span>nodata / failed</p><div class=scenes>"
     )
@@ -198,7 +203,9 @@ def _page(run_id, scenes, tiles, objects, summary, looks, times, labels) -> str:
             if look.endswith(".png")
             else f"<p class=muted>{e(look)}</p>"
         )
-        parts.append(f"<div class=scene><h3>{e(s.scene_id)} <small class={e(s.status)}>{e(s.status)}</small></h3>{figure}</div>")
+        parts.append(
+            f"<div class=scene><h3>{e(s.scene_id)} <small class={e(s.status)}>{e(s.status)}</small></h3>{figure}</div>"
+        )
     parts.append("</div></body></html>")
     return "\n".join(parts)
 

@@ -132,9 +132,7 @@ def wait_for_lock(process: subprocess.Popen, output: Path) -> int:
     return pid
 
 
-def test_two_runs_of_one_job_one_exits_with_a_clear_message_one_waits_and_outputs_equal_one_run(
-    ray_session, tmp_path
-):
+def test_two_runs_of_one_job_one_exits_with_a_clear_message_one_waits_and_outputs_equal_one_run(ray_session, tmp_path):
     address = ray.get_runtime_context().gcs_address
     add_scenes(tmp_path / "archive", DATES[0])
     job = nightly_job(tmp_path, model=SLOW, tiling=SMALL_TILES)
@@ -160,8 +158,10 @@ def test_two_runs_of_one_job_one_exits_with_a_clear_message_one_waits_and_output
     assert concurrent["object_id"].is_unique and len(concurrent) == len(once) == sum(single.objects_per_label.values())
     columns = [c for c in once.columns if c != "run_id"]
     key = "object_id"
-    assert concurrent.sort_values(key)[columns].reset_index(drop=True).equals(
-        once.sort_values(key)[columns].reset_index(drop=True)
+    assert (
+        concurrent.sort_values(key)[columns]
+        .reset_index(drop=True)
+        .equals(once.sort_values(key)[columns].reset_index(drop=True))
     )
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import threading
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ CHROMIUM_FLAGS = [
 
 
 class _Recorder(http.server.SimpleHTTPRequestHandler):
-    requests: list = []
+    requests: ClassVar[list] = []
 
     def log_request(self, code="-", size="-"):
         self.requests.append((self.command, self.path, int(code)))
@@ -123,4 +124,7 @@ def test_the_report_renders_in_headless_chromium_and_requests_nothing_but_its_ow
     assert page_requests and all(url.startswith(origin + "/") for url in page_requests), page_requests
     with rasterio.open(shot) as screenshot:
         pixels = screenshot.read()
-    assert pixels.shape[1:] == (3000, 1200) and np.unique(pixels.reshape(pixels.shape[0], -1)[:, ::7], axis=1).shape[1] > 100
+    assert (
+        pixels.shape[1:] == (3000, 1200)
+        and np.unique(pixels.reshape(pixels.shape[0], -1)[:, ::7], axis=1).shape[1] > 100
+    )
