@@ -180,8 +180,8 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
         unchanged=len(unchanged),
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
-    summary = dataclasses.replace(summary, report=_write_report(spec.output, ledger.run_id))
     ledger.end_run("failed" if summary.failed else "ok")
+    summary = dataclasses.replace(summary, report=_write_report(spec.output, ledger.run_id))
     ledger.close()
     return summary
 

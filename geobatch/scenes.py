@@ -16,6 +16,7 @@ import glob
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -314,7 +315,7 @@ def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[Sc
         SceneRef(
             _scene_id(uri),
             uri,
-            entry.acquired_at,
+            entry.acquired_at or (_date_in_name(uri) if entry.date_from_name else None),
             {b: BandSource(uri, i) for b, i in indexes.items()},
             uri,
             spec.acquired_at,
@@ -322,6 +323,19 @@ def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[Sc
         for uri in uris
     ]
     return refs, []
+
+
+_NAME_DATE = re.compile(r"(?<!\d)((?:19|20)\d\d)-?(0[1-9]|1[0-2])-?(0[1-9]|[12]\d|3[01])(?!\d)")
+
+
+def _date_in_name(uri: str) -> dt.datetime | None:
+    """The last date ``YYYYMMDD`` or ``YYYY-MM-DD`` in the file name (NAIP: ``m_..._20100629.tif``), UTC."""
+    for match in reversed(list(_NAME_DATE.finditer(uri.rstrip("/").rsplit("/", 1)[-1]))):
+        try:
+            return dt.datetime(*(int(part) for part in match.groups()), tzinfo=dt.UTC)
+        except ValueError:  # 20230231
+            continue
+    return None
 
 
 def _scene_id(uri: str) -> str:

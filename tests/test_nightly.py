@@ -41,7 +41,8 @@ def add_scenes(archive: Path, *dates: str) -> None:
 
 
 def nightly_job(folder: Path, **fields) -> Path:
-    return write_job(folder / "job.yaml", scenes=[str(folder / "archive" / "*.tif")], **fields)
+    scenes = [{"uri": str(folder / "archive" / "*.tif"), "date_from_name": True}]
+    return write_job(folder / "job.yaml", scenes=scenes, **fields)
 
 
 def catalog_objects(output: Path):
@@ -67,6 +68,7 @@ def test_a_second_night_processes_only_the_new_scenes_and_the_catalog_has_no_dup
     runs = objects.groupby("scene_id")["run_id"].agg(set).to_dict()
     assert runs == {naip(d).stem: {first.run_id if d in DATES[:2] else second.run_id} for d in DATES[:5]}
     assert len(objects) == sum(first.objects_per_label.values()) + sum(second.objects_per_label.values())
+    assert sorted(objects["acquired_at"].dt.strftime("%Y%m%d").unique()) == DATES[:5]  # dates from the names
 
     third = run_job(spec)  # nothing new: the last run is reported again, nothing is inferred
     assert third.tiles_inferred == 0 and third.run_id == second.run_id and third.resumed
