@@ -15,7 +15,8 @@ import logging
 import os
 import urllib.request
 
-from geobatch.access import Access, is_remote
+from geobatch.access import Access, is_remote, s3_client
+from geobatch.errors import SceneUnreadable
 from geobatch.scenes import Scene
 
 log = logging.getLogger(__name__)
@@ -64,21 +65,12 @@ def _http_identity(uri: str) -> str:
 
 
 def _s3_identity(uri: str, access: Access | None) -> str:
-    try:
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        log.warning("boto3 is not installed: s3 scenes count as unchanged once processed")
-        return ""
-    options = access.gdal_options if access else {}
-    endpoint = options.get("AWS_S3_ENDPOINT")
-    if endpoint:
-        endpoint = ("http://" if options.get("AWS_HTTPS") == "NO" else "https://") + endpoint
-    session = boto3.Session(profile_name=options.get("AWS_PROFILE"), region_name=options.get("AWS_REGION"))
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     try:
-        head = session.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError) as exc:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        head = s3_client(access or Access()).head_object(Bucket=bucket, Key=key)
+    except (ImportError, SceneUnreadable, BotoCoreError, ClientError) as exc:
         log.warning("no identity for %s (%s): it counts as unchanged once processed", uri, exc)
         return ""
     return f"etag:{head.get('ETag', '')}"

@@ -32,7 +32,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import bounds as window_bounds
 
-from geobatch.access import Access, describe_error, gdal_path, gdal_warnings, is_remote
+from geobatch.access import Access, describe_error, gdal_path, gdal_warnings, is_remote, list_bucket
 from geobatch.errors import MissingBand, SceneUnreadable
 from geobatch.jobs import BAND_NAMES, JobSpec, SceneSpec, as_utc
 
@@ -308,6 +308,11 @@ def _with_gdal(
 
 def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[SceneFailure]]:
     uris = sorted(glob.glob(entry.uri)) if not is_remote(entry.uri) and glob.has_magic(entry.uri) else [entry.uri]
+    if entry.uri.startswith("s3://") and (entry.uri.endswith("/") or glob.has_magic(entry.uri)):
+        try:  # a bucket prefix or glob: its objects, listed now (a growing archive gets new scenes)
+            uris = list_bucket(entry.uri, Access.from_spec(spec.storage))
+        except SceneUnreadable as exc:
+            return [], [SceneFailure(_scene_id(entry.uri), entry.uri, str(exc))]
     if not uris:
         return [], [SceneFailure(_scene_id(entry.uri), entry.uri, "no file matches this pattern")]
     indexes = {**spec.bands, **entry.bands}

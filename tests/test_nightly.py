@@ -1,6 +1,7 @@
 """Nightly runs over a growing folder of scenes: only new or changed scenes are processed, superseded
 objects leave the catalog, one run of a job at a time, stale locks of killed runs are taken over."""
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 import ray
 import shapely
 from conftest import SHARED_DATA, write_job
+from servers import s3_server
 from typer.testing import CliRunner
 
 from geobatch import catalog
@@ -276,3 +278,43 @@ def test_changes_within_a_bbox_and_by_unknown_selections(two_dates, tmp_path):
     assert bad.exit_code == 2 and "neither a run id" in bad.stderr
     empty = runner.invoke(app, [*arguments[:-2], "--after", "1999"])
     assert empty.exit_code == 2 and "no 'water' objects for '1999'" in empty.stderr
+
+
+def test_a_bucket_prefix_gets_its_new_and_replaced_objects_processed_each_night(tmp_path):
+    """The console script in its own process (its own Ray: its workers need the S3 credentials file)."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[archive]\naws_access_key_id = geobatch-test\naws_secret_access_key = test\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    environment["AWS_SHARED_CREDENTIALS_FILE"] = str(credentials)
+    output = tmp_path / "out"
+
+    def night() -> dict:
+        done = subprocess.run(geobatch_command("run", str(job)), capture_output=True, text=True, timeout=300,
+                              env=environment, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads((output / "run" / "summary.json").read_text())
+
+    with s3_server() as s3:
+        s3.upload("archive", f"naip/{naip(DATES[0]).name}", naip(DATES[0]))
+        s3.upload("archive", "elsewhere/not-a-scene.tif", naip(DATES[1]))  # outside the prefix
+        storage = {"s3_endpoint": s3.endpoint_url, "s3_profile": "archive", "s3_region": "us-east-1"}
+        scenes = [{"uri": "s3://archive/naip/", "date_from_name": True}]
+        job = write_job(tmp_path / "job.yaml", scenes=scenes, storage=storage)
+        first = night()
+        assert first["tiles_inferred"] == TILES_PER_SCENE and [s["scene_id"] for s in first["scenes"]] == [
+            naip(DATES[0]).stem
+        ]
+        s3.upload("archive", f"naip/{naip(DATES[1]).name}", naip(DATES[1]))  # a new object
+        second = night()
+        assert second["tiles_inferred"] == TILES_PER_SCENE and second["unchanged"] == 1
+        assert [s["scene_id"] for s in second["scenes"]] == [naip(DATES[1]).stem]
+        s3.upload("archive", f"naip/{naip(DATES[0]).name}", naip(DATES[-1]))  # replaced: a new ETag
+        third = night()
+        assert third["tiles_inferred"] == TILES_PER_SCENE and third["unchanged"] == 1
+        assert [s["scene_id"] for s in third["scenes"]] == [naip(DATES[0]).stem]
+    objects = catalog_objects(output)
+    assert objects["object_id"].is_unique
+    assert objects.groupby("scene_id")["run_id"].agg(set).to_dict() == {
+        naip(DATES[0]).stem: {third["run_id"]},
+        naip(DATES[1]).stem: {second["run_id"]},
+    }
