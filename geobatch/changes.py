@@ -7,8 +7,9 @@ matched one to one greedily, highest IoU first (ties by before id, then after id
 IoU >= ``min_iou``. Then:
 
 - ``appeared``: an after object with no match; ``disappeared``: a before object with no match;
-- ``changed``: a match whose IoU is below ``changed_iou`` (shape) or whose area changed by more than
-  ``area_change`` (relative to the before area); other matches are unchanged and not listed.
+- ``changed``: a match whose IoU is below ``changed_iou`` (``why`` = shape) or whose area changed by more
+  than ``area_change`` relative to the before area (``why`` = area, or shape+area); other matches are
+  unchanged and not listed.
 
 Memory: both selections' geometries and the candidate pairs (about one per overlapping object).
 """
@@ -30,7 +31,7 @@ from geobatch.errors import GeobatchError
 RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 CHANGE_COLUMNS = (
-    "change", "label", "before_id", "after_id", "iou", "before_area_m2", "after_area_m2", "area_ratio",
+    "change", "why", "label", "before_id", "after_id", "iou", "before_area_m2", "after_area_m2", "area_ratio",
     "before_acquired_at", "after_acquired_at", "before_run_id", "after_run_id",
 )  # fmt: skip
 
@@ -121,13 +122,16 @@ def changes(
     matched = match(candidate_pairs(before, after), before["object_id"], after["object_id"], thresholds.min_iou)
     mb, ma = matched["b"].to_numpy(), matched["a"].to_numpy()
     ratio = after["area_m2"].to_numpy()[ma] / np.maximum(before["area_m2"].to_numpy()[mb], 1e-9)
-    changed = (matched["iou"].to_numpy() < thresholds.changed_iou) | (np.abs(ratio - 1) > thresholds.area_change)
+    shape = matched["iou"].to_numpy() < thresholds.changed_iou
+    area = np.abs(ratio - 1) > thresholds.area_change
+    changed = shape | area
+    why = np.where(shape & area, "shape+area", np.where(shape, "shape", "area"))[changed]
     gone = np.setdiff1d(np.arange(len(before)), mb)
     new = np.setdiff1d(np.arange(len(after)), ma)
     parts = [
         _rows("appeared", None, after, None, new),
         _rows("disappeared", before, None, gone, None),
-        _rows("changed", before, after, mb[changed], ma[changed], matched["iou"].to_numpy()[changed]),
+        _rows("changed", before, after, mb[changed], ma[changed], matched["iou"].to_numpy()[changed], why),
     ]
     frame = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
     for column in ("before_acquired_at", "after_acquired_at"):
@@ -135,7 +139,7 @@ def changes(
     return gpd.GeoDataFrame(frame, geometry="geometry", crs=4326)
 
 
-def _rows(kind, before, after, b, a, iou=None) -> gpd.GeoDataFrame:
+def _rows(kind, before, after, b, a, iou=None, why=None) -> gpd.GeoDataFrame:
     """Change rows; the geometry is the after shape (the before one for disappeared objects)."""
     count = len(a) if a is not None else len(b)
     nothing = pd.array([None] * count, dtype="string[pyarrow]")
@@ -150,6 +154,7 @@ def _rows(kind, before, after, b, a, iou=None) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(
         {
             "change": kind,
+            "why": why if why is not None else pd.array([None] * count, dtype="string[pyarrow]"),
             "label": source["label"].to_numpy()[rows] if count else [],
             "before_id": column(before, b, "object_id", nothing),
             "after_id": column(after, a, "object_id", nothing),

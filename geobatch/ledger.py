@@ -271,6 +271,7 @@ class JobLock:
         path = folder / "ledger.sqlite"
         token = uuid.uuid4().hex
         started = time.monotonic()
+        first = True
         while True:
             holder = _try_lock(path, token, stale_after_s)
             if holder is None:
@@ -278,12 +279,17 @@ class JobLock:
                 lock._thread.start()
                 return lock
             waited = time.monotonic() - started
+            if wait and first:
+                log.warning(
+                    "another run of this job holds %s (pid %s on %s); waiting", output, holder["pid"], holder["host"]
+                )
             if not wait or (timeout_s is not None and waited >= timeout_s):
                 raise JobLocked(
                     f"another run of this job is running in {output} (pid {holder['pid']} on {holder['host']}, "
                     f"since {dt.datetime.fromtimestamp(holder['started_at'], dt.UTC):%Y-%m-%d %H:%M:%S} UTC); "
                     + ("gave up waiting" if wait else "try again later, or pass --wait to wait for it")
                 )
+            first = False
             time.sleep(poll_s)
 
     def _beat(self, every_s: float) -> None:

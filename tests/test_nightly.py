@@ -1,6 +1,8 @@
 """Nightly runs over a growing folder of scenes: only new or changed scenes are processed, superseded
 objects leave the catalog, one run of a job at a time, stale locks of killed runs are taken over."""
 
+import functools
+import http.server
 import json
 import os
 import shutil
@@ -9,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from typer.testing import CliRunner
 
 from geobatch import catalog
 from geobatch.cli import EXIT_LOCKED, app
+from geobatch.identity import file_identity
 from geobatch.jobs import load_job
 from geobatch.ledger import JobLock, JobLocked
 from geobatch.pipeline import run_job
@@ -189,6 +193,25 @@ def test_the_stale_lock_of_a_killed_run_is_taken_over_and_the_run_resumes(ray_se
     assert catalog_objects(output)["object_id"].is_unique
 
 
+def test_remote_identity_follows_the_servers_last_modified_and_size(tmp_path):
+    served = tmp_path / "scene.tif"
+    shutil.copyfile(naip(DATES[0]), served)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/scene.tif"
+    try:
+        first = file_identity(url)
+        assert first == file_identity(url) and str(served.stat().st_size) in first
+        shutil.copyfile(naip(DATES[1]), served)
+        os.utime(served, (time.time() + 5, time.time() + 5))  # Last-Modified has whole seconds
+        assert file_identity(url) != first
+        assert file_identity(url.replace("scene.tif", "gone.tif")) == ""  # no identity: counts as unchanged
+    finally:
+        server.shutdown()
+
+
 def test_a_lock_without_heartbeat_is_stale_a_live_one_is_not(tmp_path):
     held = JobLock.acquire(tmp_path)
     with pytest.raises(JobLocked, match=f"pid {os.getpid()} on {socket.gethostname()}"):
@@ -256,6 +279,11 @@ def test_changes_between_2009_and_2020_equal_a_brute_force_matching(two_dates, t
     assert disappeared["before_id"].isin(before["object_id"]).all() and disappeared["after_id"].isna().all()
     changed = found[found["change"] == "changed"]
     assert changed["before_id"].notna().all() and changed["after_id"].notna().all()
+    shape_changed = changed["iou"] < 0.5
+    area_changed = (changed["area_ratio"] - 1).abs() > 0.2
+    assert (shape_changed | area_changed).all()
+    assert (changed["why"].str.contains("shape") == shape_changed).all()
+    assert (changed["why"].str.contains("area") == area_changed).all()
     assert found["before_id"].dropna().is_unique and found["after_id"].dropna().is_unique
     assert f"appeared: {expected['appeared']}, disappeared: {expected['disappeared']}" in result.stdout
 
