@@ -21,6 +21,7 @@ from geobatch.pipeline import run_job
 from geobatch.quicklook import OUTLINE, PALETTE
 
 runner = CliRunner()
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # PNGs have no CRS
 
 
 @pytest.fixture(scope="module")
