@@ -9,6 +9,7 @@ the named profile, so they cannot reach a log or an output.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from typing import TypeVar
 import rasterio
 from rasterio.errors import RasterioError
 
+from geobatch.errors import SceneUnreadable
 from geobatch.jobs import StorageSpec
 
 log = logging.getLogger(__name__)
@@ -152,3 +154,38 @@ def _credential_files() -> dict[str, str]:
     """Point GDAL at the AWS credential and config files that boto3 users name (GDAL has its own names)."""
     names = {"AWS_SHARED_CREDENTIALS_FILE": "CPL_AWS_CREDENTIALS_FILE", "AWS_CONFIG_FILE": "CPL_AWS_CONFIG_FILE"}
     return {gdal: os.environ[aws] for aws, gdal in names.items() if aws in os.environ and gdal not in os.environ}
+
+
+def s3_client(access: Access):
+    """A boto3 S3 client configured like GDAL for this job (endpoint, region, profile); credentials from
+    the environment, the profile or the instance role, as for GDAL. Needs boto3 (``pip install geobatch[s3]``)."""
+    try:
+        import boto3
+    except ImportError:
+        raise SceneUnreadable("listing or checking s3:// objects needs boto3: pip install 'geobatch[s3]'") from None
+    options = access.gdal_options
+    endpoint = options.get("AWS_S3_ENDPOINT")
+    if endpoint:
+        endpoint = ("http://" if options.get("AWS_HTTPS") == "NO" else "https://") + endpoint
+    session = boto3.Session(profile_name=options.get("AWS_PROFILE"), region_name=options.get("AWS_REGION"))
+    return session.client("s3", endpoint_url=endpoint)
+
+
+def list_bucket(uri: str, access: Access) -> list[str]:
+    """The ``s3://`` URIs of the GeoTIFFs under a prefix (``s3://bucket/path/``) or matching a glob
+    (``s3://bucket/path/*_2024*.tif``; ``*`` does not cross ``/``), sorted. One LIST request per 1000 keys."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, pattern = uri.removeprefix("s3://").partition("/")
+    prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    if pattern.endswith("/") or not pattern:  # a prefix: the GeoTIFFs directly under it
+        matcher = re.compile(re.escape(pattern) + r"[^/]+\.tiff?", re.IGNORECASE)
+    else:
+        matcher = re.compile(fnmatch.translate(pattern).replace(".*", "[^/]*"))
+    found = []
+    try:
+        for page in s3_client(access).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [item["Key"] for item in page.get("Contents", [])]
+    except (BotoCoreError, ClientError) as exc:
+        raise SceneUnreadable(f"cannot list {uri}: {' '.join(str(exc).split())}") from None
+    return [f"s3://{bucket}/{key}" for key in sorted(found) if matcher.fullmatch(key)]

@@ -6,6 +6,7 @@ zstd, rows Hilbert-sorted into row groups of ``ROW_GROUP_ROWS``)::
     catalog/objects/<label>/<YYYY-MM>/<run_id>_<scene_id>.parquet   one file per scene, label and month
     catalog/scenes/<run_id>.parquet                                  one row per scene of the run
     catalog/tiles/<run_id>.parquet                                   one row per tile of the run
+    catalog/superseded/<label>/<YYYY-MM>/<run_id>_<scene_id>.parquet objects of scenes processed again since
 
 Partitions are plain folders (not ``label=...`` hive keys) and every file keeps all its columns, so any
 reader sees whole rows: ``read_parquet('catalog/objects/**/*.parquet')`` in DuckDB, a folder or a file
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import glob
 import json
 import logging
 import os
@@ -213,6 +215,24 @@ def write_scene_objects(
 def run_object_files(output: str | Path, run_id: str, scene_id: str = "*") -> list[Path]:
     """The object files a run wrote (for one scene, or all)."""
     return sorted((Path(output) / "catalog" / "objects").glob(f"*/*/{run_id}_{scene_id}.parquet"))
+
+
+def supersede_scene_objects(output: str | Path, scene_id: str, run_id: str) -> list[Path]:
+    """Move a scene's object files written by runs other than ``run_id`` out of the catalog, into
+    ``catalog/superseded/<label>/<month>/``: the scene is being processed again (its file changed), and
+    queries must never see its old objects beside the new ones. Returns the files' new paths."""
+    root = Path(output) / "catalog"
+    moved = []
+    for path in sorted((root / "objects").glob(f"*/*/*_{glob.escape(scene_id)}.parquet")):
+        run, _, scene = path.stem.partition("_")  # run ids hold no "_"; scene ids may
+        if scene != scene_id or run == run_id:
+            continue
+        target = root / "superseded" / path.relative_to(root / "objects")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+        log.info("superseded %s (run %s) by run %s", path, run, run_id)
+    return moved
 
 
 def write_run_table(output: str | Path, table: str, frame: gpd.GeoDataFrame, run_id: str) -> Path:

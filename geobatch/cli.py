@@ -1,7 +1,8 @@
 """Command line: ``geobatch run JOB.yaml``, ``geobatch query OUT --bbox ...``, ``geobatch models``.
 
 Exit status: 0 when everything ran; 2 for a bad job or bad arguments (nothing was written);
-3 when the job completed but some scenes or tiles failed (each named on stderr and in the catalog).
+3 when the job completed but some scenes or tiles failed (each named on stderr and in the catalog);
+4 when another run of the same job holds its output folder (nothing was done; try again or ``--wait``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from geobatch.models.base import MODELS
 
 EXIT_BAD_JOB = 2
 EXIT_FAILURES = 3
+EXIT_LOCKED = 4
 
 app = typer.Typer(
     add_completion=False,
@@ -70,8 +72,10 @@ def run(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     out: Annotated[Path | None, typer.Option("--out", help="Output folder; overrides the job's 'output'.")] = None,
     address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster to join.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="If another run of this job is running, wait for it.")] = False,
 ) -> None:
     """Run a job: tiles through the model on Ray, mosaics to Zarr, objects to GeoParquet."""
+    from geobatch.ledger import JobLocked
     from geobatch.pipeline import run_job  # the pipeline pulls in Ray; keep `--help` and `query` fast
     from geobatch.report import print_summary
 
@@ -83,7 +87,9 @@ def run(
             updates["ray"] = spec.ray.model_copy(update={"address": address})
         spec = spec.model_copy(update=updates)
         with _tile_progress(Console(stderr=True)) as (on_tile, total_tiles):
-            summary = run_job(spec, on_tile=on_tile, total_tiles=total_tiles)
+            summary = run_job(spec, on_tile=on_tile, total_tiles=total_tiles, wait=wait)
+    except JobLocked as exc:
+        raise _fail(str(exc), EXIT_LOCKED) from None
     except GeobatchError as exc:
         raise _fail(str(exc)) from None
     print_summary(summary, Console())
@@ -252,6 +258,53 @@ def sql(
         sys.stdout.write(frame.to_csv(index=False))
         return
     _print_rows(frame, list(frame.columns))
+
+
+@app.command()
+def changes(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (or its catalog folder).")],
+    label: Annotated[str, typer.Option(help="The objects' label, e.g. water.")],
+    before: Annotated[str, typer.Option(help="Earlier objects: a run id, or a date YYYY[-MM[-DD]] of acquisition.")],
+    after: Annotated[str, typer.Option(help="Later objects: a run id, or a date YYYY[-MM[-DD]] of acquisition.")],
+    bbox: Annotated[str | None, typer.Option(help="minx,miny,maxx,maxy in EPSG:4326 (lon/lat).")] = None,
+    min_iou: Annotated[float, typer.Option(help="Least IoU for two objects to be the same object.")] = 0.1,
+    changed_iou: Annotated[float, typer.Option(help="Matched objects with a lower IoU changed shape.")] = 0.5,
+    area_change: Annotated[float, typer.Option(help="Matched objects whose area changed by more (0.2 = 20%).")] = 0.2,
+    to: Annotated[Path | None, typer.Option(help="GeoParquet file to write (default OUT/changes/...).")] = None,
+) -> None:
+    """Objects that appeared, disappeared or changed between two acquisitions (IoU matching) -> GeoParquet."""
+    from geobatch import changes as change_detection
+
+    region = _parse_bbox(bbox)
+    opened = _open_catalog(output)
+    try:
+        thresholds = change_detection.Thresholds(min_iou, changed_iou, area_change)
+        earlier = change_detection.select(opened, label, before, region)
+        later = change_detection.select(opened, label, after, region)
+    except ValueError as exc:  # BadSelection, or thresholds out of range
+        raise _fail(str(exc)) from None
+    found = change_detection.changes(earlier, later, thresholds)
+    target = to or opened.root.parent / "changes" / f"{label}_{before}_{after}.parquet"
+    catalog.write_geoparquet(found, target)
+    counts = found["change"].value_counts()
+    kinds = ", ".join(f"{kind}: {counts.get(kind, 0)}" for kind in ("appeared", "disappeared", "changed"))
+    print(f"{label} {before} -> {after}: {len(earlier)} before, {len(later)} after; {kinds}")
+    print(f"changes: {target}")
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="A job's output folder.")],
+    run_id: Annotated[str | None, typer.Argument(help="The run (default: the latest run in OUTPUT).")] = None,
+) -> None:
+    """Write a run's HTML report with PNG quicklooks (OUTPUT/reports/RUN_ID/index.html); runs do it themselves."""
+    from geobatch.run_report import write_report
+
+    try:
+        page = write_report(output, run_id)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    print(f"report: {page}")
 
 
 catalog_app = typer.Typer(help="Maintain a catalog.", no_args_is_help=True)

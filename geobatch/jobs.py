@@ -64,6 +64,7 @@ class SceneSpec(_Frozen):
         default_factory=dict
     )
     asset: str | None = None
+    date_from_name: bool = False  # files without acquired_at: the date YYYYMMDD / YYYY-MM-DD in the file name
 
     @property
     def is_stac(self) -> bool:

@@ -35,10 +35,11 @@ from ray.util.dask import ray_dask_get
 from geobatch import catalog
 from geobatch.access import Access
 from geobatch.errors import GeobatchError, JobSpecError
+from geobatch.identity import scene_identity
 from geobatch.infer import PoolReport, TileOutcome, TileWork, inference_settings, run_tiles
 from geobatch.instances import merge_instances
 from geobatch.jobs import JobSpec
-from geobatch.ledger import Ledger, job_fingerprint
+from geobatch.ledger import JobLock, Ledger, job_fingerprint, product_key
 from geobatch.models.base import ObjectKind, Prompt, load_model, objects_of
 from geobatch.regions import make_region
 from geobatch.scenes import Region, Scene, SceneFailure, SceneLike, discover, open_scene
@@ -79,6 +80,8 @@ class RunSummary:
     tiles_inferred: int = 0  # tiles sent to the model by this invocation (not those finished before it)
     resumed: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)  # inference; vectorising, overviews, catalog
+    unchanged: int = 0  # scenes an earlier run processed, unchanged since: not part of this run
+    report: Path | None = None  # the run's HTML report (reports/<run_id>/index.html)
 
     @property
     def failed(self) -> bool:
@@ -100,9 +103,13 @@ def run_job(
     spec: JobSpec,
     on_tile: Callable[[TileOutcome], None] | None = None,
     total_tiles: Callable[[int, int], None] | None = None,
+    wait: bool = False,
 ) -> RunSummary:
     """Run ``spec`` end to end, resuming the run recorded in its output folder if there is one.
 
+    Scenes an earlier run of the job processed, and whose files are unchanged, are left alone; a run that
+    ended is followed by a new run id when anything is new. Only one run of a job works in its output
+    folder at a time: if another holds the lock this raises :class:`JobLocked`, or waits with ``wait``.
     ``total_tiles(total, already_finished)`` is called once the plan is known; ``on_tile`` for each tile
     outcome as it arrives. Raises :class:`GeobatchError` only for problems with the job itself.
     """
@@ -114,9 +121,18 @@ def run_job(
         raise JobSpecError(f"job '{spec.name}': tiling.overlap must be > 0 for '{spec.model.name}', an instance model")
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
+    with JobLock.acquire(spec.output, wait=wait):
+        return _run_locked(spec, started, prompts, model, bands, access, on_tile, total_tiles)
+
+
+def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_tiles) -> RunSummary:
+    """The run, once the job's lock is held (see :func:`run_job`)."""
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
     scenes, failures = _open_scenes(spec, bands, model.input_values, access)
-    region = make_region(spec.region, scenes) if spec.region else None
+    scenes, identities, unchanged = _increment(ledger, product_key(spec), scenes, access)
+    if spec.region and scenes:  # a region is composited from all its sources: one new or changed redoes it
+        scenes, unchanged = scenes + unchanged, []
+    region = make_region(spec.region, scenes) if spec.region and scenes else None
     sources, scenes = (scenes, [region]) if region else ([], scenes)  # a region is one mosaic of its sources
     grid = TileGrid(spec.tiling.core, spec.tiling.overlap)
     labels = [p.label for p in prompts]
@@ -146,9 +162,13 @@ def run_job(
         finishing = time.perf_counter()
         with dask.config.set(scheduler=ray_dask_get):
             for scene in active:
+                catalog.supersede_scene_objects(spec.output, scene.scene_id, ledger.run_id)
                 finished[scene.scene_id] = _finish_scene(scene, mosaics[scene.scene_id], grid, ledger, spec, prompts)
         finishing = time.perf_counter() - finishing
 
+    for scene in sources or scenes:  # again for scenes finished by an invocation that stopped before recording this
+        outcome = finished[region.scene_id if region else scene.scene_id]
+        ledger.record_processed(product_key(spec), scene.scene_id, identities[scene.scene_id], outcome)
     scene_outcomes = [finished[s.scene_id] for s in scenes]
     if region:
         scene_outcomes += _source_outcomes(sources, region, finished[region.scene_id])
@@ -173,10 +193,48 @@ def run_job(
         tiles_inferred=report.tiles if report else 0,
         resumed=ledger.resumed,
         phase_seconds={"inference": report.seconds if report else 0.0, "vectorize_and_catalog": finishing},
+        unchanged=len(unchanged),
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
+    ledger.end_run("failed" if summary.failed else "ok")
+    summary = dataclasses.replace(summary, report=_write_report(spec.output, ledger.run_id))
     ledger.close()
     return summary
+
+
+def _write_report(output: Path, run_id: str) -> Path | None:
+    """The run's HTML report; a report that cannot be written is logged, it never fails the run."""
+    from geobatch.run_report import write_report
+
+    try:
+        return write_report(output, run_id)
+    except Exception:
+        log.exception("could not write the report of run %s; `geobatch report %s %s` retries", run_id, output, run_id)
+        return None
+
+
+def _increment(ledger: Ledger, product: str, scenes: list[Scene], access: Access):
+    """Split the scenes into this run's and those an earlier run processed with the same files.
+
+    Starts the next run when the recorded one ended and anything is new, changed or unfinished; forgets
+    the staged work of a scene whose files changed while this run was interrupted. Returns this run's
+    scenes, every scene's identity, and the unchanged scenes.
+    """
+    identities = {s.scene_id: scene_identity(s, access) for s in scenes}
+    processed = ledger.processed(product)
+
+    def current(scene: Scene) -> bool:
+        return scene.scene_id in processed and processed[scene.scene_id].current(identities[scene.scene_id])
+
+    if ledger.ended and not all(current(s) for s in scenes):
+        ledger.start_next_run()
+    mine = [s for s in scenes if not current(s) or processed[s.scene_id].run_id == ledger.run_id]
+    for scene in mine:
+        if ledger.stage(scene.scene_id, identities[scene.scene_id]):  # True: staged earlier with other files
+            log.info("scene %s changed while the run was stopped; starting it again", scene.scene_id)
+            shutil.rmtree(ledger.folder.parent / "mosaics" / f"{scene.scene_id}.zarr.partial", ignore_errors=True)
+    ours = {s.scene_id for s in mine}
+    return mine, identities, [s for s in scenes if s.scene_id not in ours]
 
 
 def _open_scenes(
@@ -376,6 +434,7 @@ def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | No
         "phase_seconds": {name: round(seconds, 3) for name, seconds in summary.phase_seconds.items()},
         "tiles": dict(summary.tiles),
         "tiles_inferred": summary.tiles_inferred,
+        "unchanged": summary.unchanged,
         "scenes": [dataclasses.asdict(s) for s in summary.scenes],
         "objects_per_label": summary.objects_per_label,
         "inference": inference,

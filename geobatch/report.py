@@ -44,7 +44,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
             if summary.resumed
             else []
         ),
+        *([f"unchanged: {summary.unchanged} scene(s) processed by earlier runs"] if summary.unchanged else []),
         f"mosaics: {summary.output / 'mosaics'}",
+        *([f"report: {summary.report}"] if summary.report else []),
         *(f"{name}: {path}" for name, path in summary.tables.items()),
     ]
     for line in lines:

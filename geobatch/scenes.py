@@ -19,6 +19,7 @@ import glob
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -38,7 +39,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import bounds as window_bounds
 
-from geobatch.access import Access, describe_error, gdal_path, gdal_warnings, is_remote
+from geobatch.access import Access, describe_error, gdal_path, gdal_warnings, is_remote, list_bucket
 from geobatch.errors import MissingBand, SceneUnreadable
 from geobatch.jobs import BAND_NAMES, JobSpec, SceneSpec, as_utc
 
@@ -417,6 +418,11 @@ def _with_gdal(
 
 def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[SceneFailure]]:
     uris = sorted(glob.glob(entry.uri)) if not is_remote(entry.uri) and glob.has_magic(entry.uri) else [entry.uri]
+    if entry.uri.startswith("s3://") and (entry.uri.endswith("/") or glob.has_magic(entry.uri)):
+        try:  # a bucket prefix or glob: its objects, listed now (a growing archive gets new scenes)
+            uris = list_bucket(entry.uri, Access.from_spec(spec.storage))
+        except SceneUnreadable as exc:
+            return [], [SceneFailure(_scene_id(entry.uri), entry.uri, str(exc))]
     if not uris:
         return [], [SceneFailure(_scene_id(entry.uri), entry.uri, "no file matches this pattern")]
     indexes = {**spec.bands, **entry.bands}
@@ -424,7 +430,7 @@ def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[Sc
         SceneRef(
             _scene_id(uri),
             uri,
-            entry.acquired_at,
+            entry.acquired_at or (_date_in_name(uri) if entry.date_from_name else None),
             {b: BandSource(uri, i) for b, i in indexes.items()},
             uri,
             spec.acquired_at,
@@ -432,6 +438,19 @@ def _file_refs(entry: SceneSpec, spec: JobSpec) -> tuple[list[SceneRef], list[Sc
         for uri in uris
     ]
     return refs, []
+
+
+_NAME_DATE = re.compile(r"(?<!\d)((?:19|20)\d\d)-?(0[1-9]|1[0-2])-?(0[1-9]|[12]\d|3[01])(?!\d)")
+
+
+def _date_in_name(uri: str) -> dt.datetime | None:
+    """The last date ``YYYYMMDD`` or ``YYYY-MM-DD`` in the file name (NAIP: ``m_..._20100629.tif``), UTC."""
+    for match in reversed(list(_NAME_DATE.finditer(uri.rstrip("/").rsplit("/", 1)[-1]))):
+        try:
+            return dt.datetime(*(int(part) for part in match.groups()), tzinfo=dt.UTC)
+        except ValueError:  # 20230231
+            continue
+    return None
 
 
 def _scene_id(uri: str) -> str:
