@@ -174,7 +174,9 @@ def scene_object_columns(
     prompt_text = pa.array([phrases.get(label) for label in rows.column("label").to_pylist()], pa.string())
     columns = {
         "scene_id": pa.array([scene_id] * n, pa.string()),
-        "phrase": pc.coalesce(rows.column("phrase").cast(pa.string()), prompt_text) if "phrase" in rows.column_names else prompt_text,
+        "phrase": pc.coalesce(rows.column("phrase").cast(pa.string()), prompt_text)
+        if "phrase" in rows.column_names
+        else prompt_text,
         "acquired_at": pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")),
         "run_id": pa.array([run_id] * n, pa.string()),
         "model": pa.array([model] * n, pa.string()),

@@ -47,10 +47,10 @@ from rasterio.windows import Window
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from geobatch.polygonize import boundary_runs, polygons
 from geobatch.scenes import Scene
 from geobatch.stitch import LABEL_BACKGROUND, LABEL_NODATA, Mosaic, staged_mask
 from geobatch.tiling import Tile, TileGrid, plan_tiles
-from geobatch.polygonize import boundary_runs, polygons
 from geobatch.vectorize import Georeference
 
 

@@ -116,8 +116,9 @@ def run_job(
     started = time.perf_counter()
     prompts = [Prompt(p.text, p.kind, p.label) for p in spec.prompts]
     model = load_model(spec.model.name, spec.model.options)
-    objects = objects_of(model)
-    if objects == "instances" and spec.tiling.overlap == 0:  # views of one instance are matched on the overlap
+    if (
+        objects_of(model) == "instances" and spec.tiling.overlap == 0
+    ):  # views of one instance are matched on the overlap
         raise JobSpecError(f"job '{spec.name}': tiling.overlap must be > 0 for '{spec.model.name}', an instance model")
     bands = model.required_bands(prompts)
     access = Access.from_spec(spec.storage)
@@ -139,7 +140,9 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
     mosaic_dir = spec.output / "mosaics"
     finished = {s.scene_id: outcome for s in scenes if (outcome := _finished(ledger, s, mosaic_dir))}
     active = [s for s in scenes if s.scene_id not in finished]
-    mosaics = {s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed, objects) for s in active}
+    mosaics = {
+        s.scene_id: _staged_mosaic(s, grid, labels, mosaic_dir, ledger.resumed, objects_of(model)) for s in active
+    }
     skip = ledger.finished_tiles(s.scene_id for s in active)
     if total_tiles:
         count = {s.scene_id: math.prod(grid.layout(s.shape)) for s in scenes}

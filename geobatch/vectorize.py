@@ -199,9 +199,15 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[pa.Table]:
         buckets = max(1, len(chunks) // _CHUNKS_PER_BUCKET)
         outlines = [
             dask.delayed(_outlines)(
-                plan, key, where, border[key].ids, object_of[key], objects.subset(object_of[key]),
-                _halo(key, border, object_of), buckets,
-            )  # fmt: skip
+                plan,
+                key,
+                where,
+                border[key].ids,
+                object_of[key],
+                objects.subset(object_of[key]),
+                _halo(key, border, object_of),
+                buckets,
+            )
             for key, where in chunks.items()
         ]
         dask.compute(*outlines)
@@ -269,7 +275,11 @@ def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geome
     rows, cols = np.divmod(first, plan.width)
     labels = np.asarray(plan.labels, dtype=object)[np.asarray(codes, np.int64) - 1]
     geometries = gpd.GeoSeries(plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)))
-    order = np.argsort(geometries.hilbert_distance().to_numpy(), kind="stable") if len(geometries) else np.zeros(0, np.int64)
+    order = (
+        np.argsort(geometries.hilbert_distance().to_numpy(), kind="stable")
+        if len(geometries)
+        else np.zeros(0, np.int64)
+    )
     bounds = geometries.bounds.to_numpy()[order].T
     columns = {
         "object_id": pa.array([f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], pa.string()),
@@ -278,7 +288,9 @@ def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geome
         "pixels": pa.array(pixels, pa.int64()),
         "area_m2": pa.array(areas, pa.float64()),
         "geometry": pa.array(shapely.to_wkb(geometries.to_numpy()), pa.binary()),
-        "bbox": pa.StructArray.from_arrays([pa.array(b, pa.float64()) for b in bounds], ["xmin", "ymin", "xmax", "ymax"]),
+        "bbox": pa.StructArray.from_arrays(
+            [pa.array(b, pa.float64()) for b in bounds], ["xmin", "ymin", "xmax", "ymax"]
+        ),
     }
     return pa.table({name: column if name == "bbox" else column.take(order) for name, column in columns.items()})
 
@@ -359,10 +371,17 @@ def _halo(key: ChunkKey, border: dict[ChunkKey, BorderPieces], object_of: dict[C
         ids[local > 0] = object_of[neighbour][np.searchsorted(pieces.ids, local[local > 0])]
         return ids
 
-    return (strip((i - 1, j), "bottom"), strip((i + 1, j), "top"), strip((i, j - 1), "right"), strip((i, j + 1), "left"))
+    return (
+        strip((i - 1, j), "bottom"),
+        strip((i + 1, j), "top"),
+        strip((i, j - 1), "right"),
+        strip((i, j + 1), "left"),
+    )
 
 
-def _outlines(plan: MosaicPlan, key, where, border_ids, border_objects, objects: ObjectTable, halo, buckets: int) -> None:
+def _outlines(
+    plan: MosaicPlan, key, where, border_ids, border_objects, objects: ObjectTable, halo, buckets: int
+) -> None:
     """Step 3: write the chunk's ``instance`` ids; polygonise its border objects, or stage their runs."""
     components, _ = _read_components(plan, where)
     object_of_local = np.concatenate(([0], components.first + 1))
@@ -379,7 +398,9 @@ def _outlines(plan: MosaicPlan, key, where, border_ids, border_objects, objects:
     ids, shapes = polygons(runs.select(~crossing))
     pq.write_table(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.parquet")
     across = runs.select(crossing)
-    columns = {name: getattr(across, name) for name in Runs.__slots__} | {"bucket": (across.ids % buckets).astype(np.int32)}
+    columns = {name: getattr(across, name) for name in Runs.__slots__} | {
+        "bucket": (across.ids % buckets).astype(np.int32)
+    }
     pq.write_table(pa.table(columns), plan.staging / "runs" / f"{key[0]}_{key[1]}.parquet")
 
 
