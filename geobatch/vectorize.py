@@ -13,8 +13,8 @@ and the driver never holds pixels or more than one chunk's polygons:
    are extracted with the neighbours' ids around the chunk, so an object gets no edge along a seam it
    crosses. Objects within the chunk are polygonised there; the runs of objects that cross a seam are
    staged in buckets;
-4. on the driver, one bucket at a time: the runs of each crossing object, gathered from every chunk it
-   touches, are linked into rings (:mod:`geobatch.polygonize`).
+4. per bucket of seam-crossing objects: the runs of each, gathered from every chunk it touches, are
+   linked into rings (:mod:`geobatch.polygonize`) and their rows staged.
 
 Every polygon thus follows its object's pixel edges exactly and is the same for any tiling. An object's
 id is its first pixel in row-major order (``row * width + col``, plus one in the ``instance`` array), so
@@ -50,7 +50,7 @@ from geobatch.tiling import TileGrid, plan_tiles
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
-_CHUNKS_PER_BUCKET = 16  # crossing objects are traced in buckets holding about this many chunks' runs
+_CROSSING_PER_BUCKET = 2048  # seam-crossing objects traced by one task (memory: their runs)
 
 ChunkKey = tuple[int, int]
 
@@ -190,13 +190,15 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[pa.Table]:
     """
     staging = Path(mosaic.path).with_name(f"{mosaic.scene_id}.vectors.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "runs").mkdir(parents=True)
+    for folder in ("runs", "crossing"):
+        (staging / folder).mkdir(parents=True)
     plan = MosaicPlan(mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, Georeference.of(scene), staging)
     chunks = _chunk_slices(mosaic)
     try:
         border = dict(zip(chunks, dask.compute(*[dask.delayed(_pieces)(plan, k, w) for k, w in chunks.items()])))
         objects, object_of = _join(border)
-        buckets = max(1, len(chunks) // _CHUNKS_PER_BUCKET)
+        crossing = objects.ids[objects.crossing]
+        buckets = max(1, -(-len(crossing) // _CROSSING_PER_BUCKET))
         outlines = [
             dask.delayed(_outlines)(
                 plan,
@@ -211,10 +213,15 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[pa.Table]:
             for key, where in chunks.items()
         ]
         dask.compute(*outlines)
+        traced = [
+            dask.delayed(_trace_crossing)(plan, objects.subset(crossing[crossing % buckets == bucket]), bucket)
+            for bucket in range(buckets)
+        ]
+        dask.compute(*traced)
         for key in chunks:
             yield pa.concat_tables([pq.read_table(p) for p in _staged_rows(staging, key)])
         for bucket in range(buckets):
-            yield _trace_crossing(plan, objects, bucket)
+            yield pq.read_table(staging / "crossing" / f"{bucket}.parquet")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -398,19 +405,25 @@ def _outlines(
     ids, shapes = polygons(runs.select(~crossing))
     pq.write_table(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.parquet")
     across = runs.select(crossing)
-    columns = {name: getattr(across, name) for name in Runs.__slots__} | {
-        "bucket": (across.ids % buckets).astype(np.int32)
-    }
-    pq.write_table(pa.table(columns), plan.staging / "runs" / f"{key[0]}_{key[1]}.parquet")
+    bucket_of = across.ids % buckets
+    for bucket in np.unique(bucket_of):
+        runs_in = across.select(bucket_of == bucket)
+        folder = plan.staging / "runs" / str(bucket)
+        folder.mkdir(exist_ok=True)
+        pq.write_table(
+            pa.table({name: getattr(runs_in, name) for name in Runs.__slots__}), folder / f"{key[0]}_{key[1]}.parquet"
+        )
 
 
 def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
     return [staging / f"{key[0]}_{key[1]}.{part}.parquet" for part in ("inner", "border")]
 
 
-def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> pa.Table:
-    """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons."""
-    table = pq.read_table(plan.staging / "runs", filters=[("bucket", "=", bucket)])
-    runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__))
+def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None:
+    """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows."""
+    folder = plan.staging / "runs" / str(bucket)
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__)) if table else Runs.concat([])
     ids, shapes = polygons(runs)
-    return objects.rows(plan, ids, shapes)
+    pq.write_table(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.parquet")
