@@ -21,6 +21,8 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
@@ -29,6 +31,7 @@ from geobatch.quicklook import PALETTE, quicklook
 
 log = logging.getLogger(__name__)
 
+MAX_OUTLINES = 20_000  # objects outlined per quicklook; the mask shows the rest
 _WINDOW = re.compile(r"window \(col \d+, row \d+, \d+x\d+\)")  # tiles differ only in it: group them
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -119,10 +122,28 @@ def _scene_quicklook(output: Path, run_id: str, scene, folder: Path, size: int) 
         meanings = zarr.open_group(mosaic, mode="r")["label"].attrs.get("flag_meanings", "")
         labels = meanings.split()[1:-1]  # background, the prompts' labels, nodata
     files = catalog.run_object_files(output, run_id, scene.scene_id)
-    objects = gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in files]), crs=4326) if files else None
+    pixel = max(scene.geometry.bounds[2] - scene.geometry.bounds[0], 1e-12) / size if scene.geometry else 0.0
+    objects = _outlined_objects(files, pixel) if files else None
     name = f"quicklooks/{scene.scene_id}.png"
     quicklook(folder / name, scene.uri, mosaic, objects, labels, size)
     return name
+
+
+def _outlined_objects(files: list[Path], pixel: float) -> gpd.GeoDataFrame:
+    """The objects worth an outline on a map of ``pixel`` degrees: at least a pixel across, at most
+    ``MAX_OUTLINES`` of them, largest first. Read a row group at a time: a large scene can hold millions
+    of specks, which the tinted mask shows anyway."""
+    best = None
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["area_m2", "bbox", "geometry"]):
+            box = batch.column("bbox")
+            wide = pc.greater_equal(pc.subtract(box.field("xmax"), box.field("xmin")), pixel)
+            tall = pc.greater_equal(pc.subtract(box.field("ymax"), box.field("ymin")), pixel)
+            visible = pa.Table.from_batches([batch.filter(pc.or_(wide, tall))])
+            best = visible if best is None else pa.concat_tables([best, visible])
+            best = best.sort_by([("area_m2", "descending")]).slice(0, MAX_OUTLINES)
+    wkb = best.column("geometry").to_pylist() if best is not None else []
+    return gpd.GeoDataFrame(geometry=gpd.GeoSeries.from_wkb(wkb), crs=4326)
 
 
 def _labels(scenes: pd.DataFrame) -> list[str]:
