@@ -131,8 +131,8 @@ def _scene_quicklook(output: Path, run_id: str, scene, folder: Path, size: int) 
 
 def _outlined_objects(files: list[Path], pixel: float) -> gpd.GeoDataFrame:
     """The objects worth an outline on a map of ``pixel`` degrees: at least a pixel across, at most
-    ``MAX_OUTLINES`` of them, largest first. Read a row group at a time: a large scene can hold millions
-    of specks, which the tinted mask shows anyway."""
+    ``MAX_OUTLINES`` of them, largest first, simplified to half a pixel. Read a row group at a time: a
+    large scene can hold millions of specks, which the tinted mask shows anyway."""
     best = None
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(columns=["area_m2", "bbox", "geometry"]):
@@ -143,7 +143,8 @@ def _outlined_objects(files: list[Path], pixel: float) -> gpd.GeoDataFrame:
             best = visible if best is None else pa.concat_tables([best, visible])
             best = best.sort_by([("area_m2", "descending")]).slice(0, MAX_OUTLINES)
     wkb = best.column("geometry").to_pylist() if best is not None else []
-    return gpd.GeoDataFrame(geometry=gpd.GeoSeries.from_wkb(wkb), crs=4326)
+    outlines = gpd.GeoSeries.from_wkb(wkb).simplify(pixel / 2, preserve_topology=False)  # drawn, not measured
+    return gpd.GeoDataFrame(geometry=outlines, crs=4326)
 
 
 def _labels(scenes: pd.DataFrame) -> list[str]:
