@@ -20,10 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import shapely
 import zarr
 
 from geobatch import catalog
@@ -131,19 +132,22 @@ def _scene_quicklook(output: Path, run_id: str, scene, folder: Path, size: int) 
 
 def _outlined_objects(files: list[Path], pixel: float) -> gpd.GeoDataFrame:
     """The objects worth an outline on a map of ``pixel`` degrees: at least a pixel across, at most
-    ``MAX_OUTLINES`` of them, largest first, simplified to half a pixel. Read a row group at a time: a
-    large scene can hold millions of specks, which the tinted mask shows anyway."""
-    best = None
+    ``MAX_OUTLINES`` of them, largest first, simplified to half a pixel as they are read, a row group at
+    a time: a large scene holds millions of specks (the tinted mask shows them) and water bodies of
+    millions of vertices."""
+    areas, outlines = np.zeros(0), np.zeros(0, dtype=object)
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["area_m2", "bbox", "geometry"]):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=["area_m2", "bbox", "geometry"]):
             box = batch.column("bbox")
             wide = pc.greater_equal(pc.subtract(box.field("xmax"), box.field("xmin")), pixel)
             tall = pc.greater_equal(pc.subtract(box.field("ymax"), box.field("ymin")), pixel)
-            visible = pa.Table.from_batches([batch.filter(pc.or_(wide, tall))])
-            best = visible if best is None else pa.concat_tables([best, visible])
-            best = best.sort_by([("area_m2", "descending")]).slice(0, MAX_OUTLINES)
-    wkb = best.column("geometry").to_pylist() if best is not None else []
-    outlines = gpd.GeoSeries.from_wkb(wkb).simplify(pixel / 2, preserve_topology=False)  # drawn, not measured
+            visible = batch.filter(pc.or_(wide, tall))
+            wkb = visible.column("geometry").to_numpy(zero_copy_only=False)
+            shapes = shapely.simplify(shapely.from_wkb(wkb), pixel / 2, preserve_topology=False)  # drawn only
+            areas = np.concatenate([areas, visible.column("area_m2").to_numpy()])
+            outlines = np.concatenate([outlines, shapes])
+            largest = np.argsort(-areas, kind="stable")[:MAX_OUTLINES]
+            areas, outlines = areas[largest], outlines[largest]
     return gpd.GeoDataFrame(geometry=outlines, crs=4326)
 
 
