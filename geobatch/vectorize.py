@@ -43,6 +43,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from geobatch import catalog
 from geobatch.polygonize import Runs, boundary_runs, polygons
 from geobatch.scenes import Scene
 from geobatch.stitch import Mosaic
@@ -53,6 +54,7 @@ _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area 
 _CROSSING_PER_BUCKET = 2048  # seam-crossing objects traced by one task (memory: their runs)
 
 ChunkKey = tuple[int, int]
+_WGS84 = pyproj.CRS.from_epsg(4326)  # parsed once: geopandas would parse '4326' for every chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,28 +280,23 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> Bord
 
 
 def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geometries) -> pa.Table:
-    """Catalog rows of whole objects, Hilbert-sorted: ids from first pixels, polygons in longitude/latitude."""
+    """Catalog rows of whole objects (Arrow, Hilbert-sorted): ids from first pixels, polygons in longitude/latitude."""
     rows, cols = np.divmod(first, plan.width)
     labels = np.asarray(plan.labels, dtype=object)[np.asarray(codes, np.int64) - 1]
-    geometries = gpd.GeoSeries(plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)))
-    order = (
-        np.argsort(geometries.hilbert_distance().to_numpy(), kind="stable")
-        if len(geometries)
-        else np.zeros(0, np.int64)
+    frame = gpd.GeoDataFrame(
+        {
+            "object_id": pd.array(
+                [f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], "string"
+            ),
+            "label": pd.array(labels, dtype="string"),
+            "score": (np.asarray(score_sums) / np.maximum(pixels, 1)).astype(np.float32),
+            "pixels": np.asarray(pixels, np.int64),
+            "area_m2": np.asarray(areas, np.float64),
+        },
+        geometry=plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)),
+        crs=_WGS84,
     )
-    bounds = geometries.bounds.to_numpy()[order].T
-    columns = {
-        "object_id": pa.array([f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], pa.string()),
-        "label": pa.array(labels, pa.string()),
-        "score": pa.array(np.asarray(score_sums) / np.maximum(pixels, 1), pa.float32()),
-        "pixels": pa.array(pixels, pa.int64()),
-        "area_m2": pa.array(areas, pa.float64()),
-        "geometry": pa.array(shapely.to_wkb(geometries.to_numpy()), pa.binary()),
-        "bbox": pa.StructArray.from_arrays(
-            [pa.array(b, pa.float64()) for b in bounds], ["xmin", "ymin", "xmax", "ymax"]
-        ),
-    }
-    return pa.table({name: column if name == "bbox" else column.take(order) for name, column in columns.items()})
+    return catalog.geoparquet_table(frame)
 
 
 def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
