@@ -251,14 +251,15 @@ def _components(label: np.ndarray, codes: tuple[int, ...], where: tuple[slice, s
     return Components(local, np.concatenate(piece_codes), scene_first)
 
 
-def _read_components(plan: MosaicPlan, where: tuple[slice, slice]) -> tuple[Components, np.ndarray]:
-    group = zarr.open_group(plan.path, mode="r")
-    return _components(group["label"][where], plan.codes, where, plan.width), group["score"][where]
+def _read_components(plan: MosaicPlan, where: tuple[slice, slice]) -> Components:
+    label = zarr.open_group(plan.path, mode="r")["label"][where]
+    return _components(label, plan.codes, where, plan.width)
 
 
 def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> BorderPieces:
     """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
-    components, score = _read_components(plan, where)
+    components = _read_components(plan, where)
+    score = zarr.open_group(plan.path, mode="r")["score"][where]
     local, n = components.local.ravel(), components.count + 1
     pixels = np.bincount(local, minlength=n)[1:]
     score_sums = np.bincount(local, weights=np.nan_to_num(score).ravel(), minlength=n)[1:]
@@ -387,7 +388,7 @@ def _outlines(
     plan: MosaicPlan, key, where, border_ids, border_objects, objects: ObjectTable, halo, buckets: int
 ) -> None:
     """Step 3: write the chunk's ``instance`` ids; polygonise its border objects, or stage their runs."""
-    components, _ = _read_components(plan, where)
+    components = _read_components(plan, where)  # recomputed: cheaper than staging a chunk of ids
     object_of_local = np.concatenate(([0], components.first + 1))
     object_of_local[border_ids] = border_objects
     zarr.open_group(plan.path, mode="r+")["instance"][where] = object_of_local[components.local].astype(np.uint64)
