@@ -43,7 +43,7 @@ from geobatch.ledger import JobLock, Ledger, job_fingerprint, product_key
 from geobatch.models.base import ObjectKind, Prompt, load_model, objects_of
 from geobatch.regions import make_region
 from geobatch.scenes import Region, Scene, SceneFailure, SceneLike, discover, open_scene
-from geobatch.stitch import Mosaic, add_overviews, create_mosaic
+from geobatch.stitch import Mosaic, compute_overviews, create_mosaic, declare_overviews
 from geobatch.tiling import TileGrid, plan_tiles
 from geobatch.vectorize import vectorize
 
@@ -333,13 +333,14 @@ def _finish_scene(
         outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts)
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
+    overviews = declare_overviews(mosaic)
     if mosaic.objects == "instances":
-        found = [catalog.geoparquet_table(merge_instances(mosaic, scene, grid))]
-    else:
-        found = vectorize(mosaic, scene)
+        found, remaining = [catalog.geoparquet_table(merge_instances(mosaic, scene, grid))], overviews
+    else:  # vectorising writes the first overview level from the pixels it reads anyway
+        found, remaining = vectorize(mosaic, scene, overview=bool(overviews)), overviews[1:]
     batches = (_catalogue_objects(rows, scene, spec, ledger.run_id, prompts) for rows in found)
     files = catalog.write_scene_objects(spec.output, batches, ledger.run_id, scene.scene_id)
-    add_overviews(mosaic)
+    compute_overviews(mosaic, remaining)
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
     final = str(mosaic_dir / f"{scene.scene_id}.zarr")
     objects = sum(pq.ParquetFile(path).metadata.num_rows for path in files)

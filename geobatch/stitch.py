@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pyarrow as pa
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
+from affine import Affine
 
 from geobatch.models.base import ObjectKind, TileResult
 from geobatch.scenes import Scene
@@ -97,25 +99,28 @@ def create_mosaic(
         return mosaic
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(mosaic.staged_folder, ignore_errors=True)
-    height, width = scene.shape
-    affine = scene.geobox.affine
-    coords = {
-        "y": affine.f + affine.e * (np.arange(height) + 0.5),
-        "x": affine.c + affine.a * (np.arange(width) + 0.5),
-    }
-    variables = {
-        name: (("y", "x"), da.full(scene.shape, fill, dtype=dtype, chunks=grid.core))
-        for name, (dtype, fill) in _ARRAYS.items()
-    }
-    dataset = xr.Dataset(variables, coords=coords)
-    dataset = dataset.rio.write_crs(scene.geobox.crs.wkt).rio.write_transform(affine)
-    for name, (_, fill) in _ARRAYS.items():
-        dataset[name].encoding.update({"fill_value": fill, "chunks": (grid.core, grid.core)})
+    dataset = _declare(scene.shape, grid.core, scene.geobox.affine, scene.geobox.crs.wkt)
     codes = [LABEL_BACKGROUND, *range(1, len(labels) + 1), LABEL_NODATA]
     dataset["label"].attrs.update(flag_values=codes, flag_meanings=" ".join(["background", *labels, "nodata"]))
     dataset.attrs.update(scene_id=scene.scene_id, source=scene.uri)
     dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
     return mosaic
+
+
+def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str) -> xr.Dataset:
+    """A lazy dataset of the mosaic's arrays, all fill values, on a grid (coordinates, CRS, chunking)."""
+    height, width = shape
+    coords = {
+        "y": affine.f + affine.e * (np.arange(height) + 0.5),
+        "x": affine.c + affine.a * (np.arange(width) + 0.5),
+    }
+    variables = {
+        name: (("y", "x"), da.full(shape, fill, dtype=dtype, chunks=chunk)) for name, (dtype, fill) in _ARRAYS.items()
+    }
+    dataset = xr.Dataset(variables, coords=coords).rio.write_crs(crs_wkt).rio.write_transform(affine)
+    for name, (_, fill) in _ARRAYS.items():
+        dataset[name].encoding.update({"fill_value": fill, "chunks": (chunk, chunk)})
+    return dataset
 
 
 def compose(mosaic: Mosaic, result: TileResult, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,45 +197,81 @@ def staged_mask(height: int, width: int, packed: bytes) -> np.ndarray:
     return np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width).astype(bool)
 
 
-def add_overviews(mosaic: Mosaic) -> list[int]:
-    """Write coarser copies of a finished mosaic for viewers, and return their factors (2, 4, 8...).
+OVERVIEW_RESAMPLING = {"label": "nearest", "instance": "nearest", "score": "mean"}
+
+
+def overview_factors(mosaic: Mosaic) -> list[int]:
+    """The factors of a mosaic's coarser levels, 2, 4, 8..., down to the level that fits one chunk."""
+    factors, size = [], max(mosaic.shape)
+    while size > mosaic.chunk:
+        size = -(-size // 2)
+        factors.append(2 * factors[-1] if factors else 2)
+    return factors
+
+
+def declare_overviews(mosaic: Mosaic) -> list[int]:
+    """Declare a mosaic's empty coarser levels for viewers; returns their factors (2, 4, 8...).
 
     Level ``f`` is the group ``overviews/f``: a dataset like the mosaic (same arrays, CRS, chunking) on a
     grid ``f`` times coarser. ``label`` and ``instance`` take the first pixel of each block (a class or an
-    id cannot be averaged), ``score`` the mean of the block's valid pixels. Each level is computed from
-    the one before, and levels stop once the whole scene fits in one chunk. Runs on the current Dask
-    scheduler.
+    id cannot be averaged), ``score`` the mean of the block's valid pixels (:func:`coarsen`). Chunk
+    ``(i, j)`` of a level is made from the 2 x 2 chunks ``(2i..2i+1, 2j..2j+1)`` of the level before, so
+    every level is written chunk by chunk (:func:`write_overview_chunk`, :func:`compute_overviews`).
     """
-    factors = []
-    level = xr.open_zarr(mosaic.path, decode_coords="all", consolidated=False)
-    factor = 1
-    while max(level.sizes["y"], level.sizes["x"]) > mosaic.chunk:
-        factor *= 2
-        level = _coarser(level)
+    base = xr.open_zarr(mosaic.path, decode_coords="all", consolidated=False)
+    factors = overview_factors(mosaic)
+    for factor in factors:
+        shape = tuple(-(-n // factor) for n in mosaic.shape)
+        dataset = _declare(shape, mosaic.chunk, base.rio.transform() @ Affine.scale(factor), base.rio.crs.to_wkt())
         for name in _ARRAYS:
-            level[name].encoding = {"fill_value": _ARRAYS[name][1], "chunks": (mosaic.chunk, mosaic.chunk)}
-        level = level.chunk(mosaic.chunk)
-        level.to_zarr(mosaic.path, group=f"overviews/{factor}", mode="w", zarr_format=3, consolidated=False)
-        level = xr.open_zarr(mosaic.path, group=f"overviews/{factor}", decode_coords="all", consolidated=False)
-        factors.append(factor)
+            dataset[name].attrs.update(base[name].attrs)
+        dataset.to_zarr(
+            mosaic.path, group=f"overviews/{factor}", mode="w", compute=False, zarr_format=3, consolidated=False
+        )
     zarr.open_group(mosaic.path, mode="r+").attrs["overviews"] = {
         "groups": [f"overviews/{f}" for f in factors],
         "factors": factors,
-        "resampling": {"label": "nearest", "instance": "nearest", "score": "mean"},
+        "resampling": OVERVIEW_RESAMPLING,
     }
     return factors
 
 
-def _coarser(level: xr.Dataset) -> xr.Dataset:
-    """The dataset on a grid twice as coarse (a partial block at the right or bottom edge counts whole)."""
-    transform = level.rio.transform() @ level.rio.transform().scale(2)
-    coarse = level[["label", "instance"]].isel(y=slice(0, None, 2), x=slice(0, None, 2))
-    score = level["score"].coarsen(y=2, x=2, boundary="pad").mean()
-    coarse["score"] = score.assign_coords(y=coarse.y, x=coarse.x)
-    height, width = coarse.sizes["y"], coarse.sizes["x"]
-    coarse = coarse.assign_coords(
-        y=transform.f + transform.e * (np.arange(height) + 0.5), x=transform.c + transform.a * (np.arange(width) + 0.5)
-    )
-    for name in coarse.data_vars:
-        coarse[name].attrs = level[name].attrs
-    return coarse.rio.write_crs(level.rio.crs).rio.write_transform(transform)
+def coarsen(label: np.ndarray, score: np.ndarray, instance: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A block of a level on a grid twice as coarse (a partial 2 x 2 block at the right or bottom counts whole)."""
+    rows, cols = score.shape
+    padded = np.pad(score, ((0, rows % 2), (0, cols % 2)), constant_values=np.nan)
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
+    valid = ~np.isnan(blocks)
+    count = valid.sum(axis=(1, 3))
+    total = np.where(valid, blocks, 0).sum(axis=(1, 3), dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an all-nodata block is NaN
+        mean = (total / count).astype(np.float32)
+    return label[::2, ::2], mean, instance[::2, ::2]
+
+
+def write_overview_chunk(
+    mosaic: Mosaic, factor: int, key: tuple[int, int], label: np.ndarray, score: np.ndarray, instance: np.ndarray
+) -> None:
+    """Write chunk ``key`` of level ``factor`` from the 2 x 2 chunks of the level before that it covers."""
+    level = zarr.open_group(mosaic.path, mode="r+")[f"overviews/{factor}"]
+    rows, cols = (slice(k * mosaic.chunk, (k + 1) * mosaic.chunk) for k in key)
+    for name, values in zip(("label", "score", "instance"), coarsen(label, score, instance)):
+        level[name][rows, cols] = values
+
+
+def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
+    """Compute declared levels ``factors`` in order, each from the one before, one Dask task per chunk.
+
+    Runs on the current Dask scheduler; a task reads 2 x 2 chunks of the finer level and writes one chunk.
+    """
+    for factor in factors:
+        shape = tuple(-(-n // factor) for n in mosaic.shape)
+        keys = [(i, j) for i in range(-(-shape[0] // mosaic.chunk)) for j in range(-(-shape[1] // mosaic.chunk))]
+        dask.compute(*[dask.delayed(_overview_chunk)(mosaic, factor, key) for key in keys])
+
+
+def _overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int]) -> None:
+    root = zarr.open_group(mosaic.path, mode="r")
+    finer = root if factor == 2 else root[f"overviews/{factor // 2}"]
+    rows, cols = (slice(2 * k * mosaic.chunk, 2 * (k + 1) * mosaic.chunk) for k in key)
+    write_overview_chunk(mosaic, factor, key, *(finer[name][rows, cols] for name in ("label", "score", "instance")))

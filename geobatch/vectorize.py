@@ -9,8 +9,8 @@ and the driver never holds pixels or more than one chunk's polygons:
    border strips go back to the driver;
 2. on the driver: border components that touch across a seam with the same label are joined into
    objects (a sparse graph's connected components over the border strips: no pixels, no polygons);
-3. per chunk: the ``instance`` array is written, and the boundary runs of the chunk's border objects
-   are extracted with the neighbours' ids around the chunk, so an object gets no edge along a seam it
+3. per 2 x 2 chunks (the source of one chunk of overview level 2, written there too): the ``instance``
+   array is written, and the boundary runs of each chunk's border objects are extracted with the neighbours' ids around the chunk, so an object gets no edge along a seam it
    crosses. Objects within the chunk are polygonised there; the runs of objects that cross a seam are
    staged in buckets;
 4. per bucket of seam-crossing objects: the runs of each, gathered from every chunk it touches, are
@@ -46,7 +46,7 @@ from scipy.sparse.csgraph import connected_components
 from geobatch import catalog
 from geobatch.polygonize import Runs, boundary_runs, polygons
 from geobatch.scenes import Scene
-from geobatch.stitch import Mosaic
+from geobatch.stitch import Mosaic, write_overview_chunk
 from geobatch.tiling import TileGrid, plan_tiles
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -133,6 +133,8 @@ class Components:
     """A chunk's 4-connected components of each label; arrays are indexed by local id - 1."""
 
     local: np.ndarray  # local id per pixel, 0 for none
+    labelled: np.ndarray  # the flat indexes of the pixels in a component ...
+    labelled_ids: np.ndarray  # ... and their local ids
     codes: np.ndarray
     first: np.ndarray  # first pixel in row-major order, as a scene-wide index (row * width + col)
 
@@ -182,8 +184,11 @@ class ObjectTable:
         return _rows(plan, ids - 1, self.codes[at], self.pixels[at], self.score_sums[at], self.areas[at], geometries)
 
 
-def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[pa.Table]:
+def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[pa.Table]:
     """Every labelled object of ``mosaic`` as catalog rows, a chunk at a time; writes its ``instance`` array.
+
+    With ``overview``, also writes the mosaic's overview level 2 (declared by ``stitch.declare_overviews``)
+    from the pixels step 3 holds anyway.
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
@@ -201,18 +206,23 @@ def vectorize(mosaic: Mosaic, scene: Scene) -> Iterator[pa.Table]:
         objects, object_of = _join(border)
         crossing = objects.ids[objects.crossing]
         buckets = max(1, -(-len(crossing) // _CROSSING_PER_BUCKET))
-        outlines = [
-            dask.delayed(_outlines)(
-                plan,
+        work = {
+            key: SeamWork(
                 key,
                 where,
                 border[key].ids,
                 object_of[key],
                 objects.subset(object_of[key]),
                 _halo(key, border, object_of),
-                buckets,
             )
             for key, where in chunks.items()
+        }
+        blocks: dict[ChunkKey, list[SeamWork]] = {}
+        for key in chunks:  # 2 x 2 chunks: the part of the mosaic that makes one chunk of overview level 2
+            blocks.setdefault((key[0] // 2, key[1] // 2), []).append(work[key])
+        outlines = [
+            dask.delayed(_outline_block)(plan, block, members, buckets, mosaic if overview else None)
+            for block, members in blocks.items()
         ]
         dask.compute(*outlines)
         traced = [
@@ -238,37 +248,41 @@ def _components(label: np.ndarray, codes: tuple[int, ...], where: tuple[slice, s
     """4-connected components of each code, numbered 1..n across codes (codes in order, then first pixel)."""
     local = np.zeros(label.shape, np.int32)
     piece_codes, firsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    labelled, labelled_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     count = 0
     for code in codes:
-        components, n = ndimage.label(label == code, structure=_FOUR_CONNECTED)
-        flat = components.ravel()  # scipy numbers components in the order of their first pixel
-        firsts.append(np.flatnonzero(np.diff(np.maximum.accumulate(flat), prepend=0) > 0))
-        local[components > 0] = components[components > 0] + count
+        components, n = ndimage.label(label == code, structure=_FOUR_CONNECTED, output=np.int32)
+        at = np.flatnonzero(components)  # the code's pixels in row-major order
+        ids = components.ravel()[at]
+        new = np.ones(len(ids), bool)  # scipy numbers components in the order of their first pixel
+        new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+        firsts.append(at[new])
+        ids += count
+        local.ravel()[at] = ids
+        labelled.append(at)
+        labelled_ids.append(ids)
         piece_codes.append(np.full(n, code, np.int64))
         count += n
     rows, cols = np.divmod(np.concatenate(firsts), label.shape[1])
     scene_first = (where[0].start + rows) * width + where[1].start + cols
-    return Components(local, np.concatenate(piece_codes), scene_first)
-
-
-def _read_components(plan: MosaicPlan, where: tuple[slice, slice]) -> Components:
-    label = zarr.open_group(plan.path, mode="r")["label"][where]
-    return _components(label, plan.codes, where, plan.width)
+    return Components(
+        local, np.concatenate(labelled), np.concatenate(labelled_ids), np.concatenate(piece_codes), scene_first
+    )
 
 
 def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> BorderPieces:
     """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
-    components = _read_components(plan, where)
-    score = zarr.open_group(plan.path, mode="r")["score"][where]
-    local, n = components.local.ravel(), components.count + 1
+    group = zarr.open_group(plan.path, mode="r")
+    components = _components(group["label"][where], plan.codes, where, plan.width)
+    score = group["score"][where]
+    at, local, n = components.labelled, components.labelled_ids, components.count + 1
     pixels = np.bincount(local, minlength=n)[1:]
-    score_sums = np.bincount(local, weights=np.nan_to_num(score).ravel(), minlength=n)[1:]
-    areas = np.bincount(local, weights=plan.georeference.pixel_areas(*where).ravel(), minlength=n)[1:]
+    score_sums = np.bincount(local, weights=np.nan_to_num(score.ravel()[at]), minlength=n)[1:]
+    areas = np.bincount(local, weights=plan.georeference.pixel_areas(*where).ravel()[at], minlength=n)[1:]
     border = components.border_ids()
-    on_border = np.zeros(n, bool)
-    on_border[border] = True
-    inner = np.where(on_border[components.local], 0, components.local)
-    ids, shapes = polygons(boundary_runs(np.pad(inner, 1), (where[0].start, where[1].start)))
+    inner = np.arange(n, dtype=np.int32)
+    inner[border] = 0
+    ids, shapes = polygons(boundary_runs(np.pad(inner[components.local], 1), (where[0].start, where[1].start)))
     at = ids - 1
     rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
     pq.write_table(rows, plan.staging / f"{key[0]}_{key[1]}.inner.parquet")
@@ -384,23 +398,52 @@ def _halo(key: ChunkKey, border: dict[ChunkKey, BorderPieces], object_of: dict[C
     )
 
 
-def _outlines(
-    plan: MosaicPlan, key, where, border_ids, border_objects, objects: ObjectTable, halo, buckets: int
-) -> None:
-    """Step 3: write the chunk's ``instance`` ids; polygonise its border objects, or stage their runs."""
-    components = _read_components(plan, where)  # recomputed: cheaper than staging a chunk of ids
+@dataclass(frozen=True, slots=True)
+class SeamWork:
+    """What step 3 needs for one chunk: its border pieces' object ids and the objects' ids around the chunk."""
+
+    key: ChunkKey
+    where: tuple[slice, slice]
+    border_ids: np.ndarray  # local ids of the chunk's border pieces ...
+    border_objects: np.ndarray  # ... and their object ids
+    objects: ObjectTable  # the objects of the border pieces
+    halo: tuple  # object ids of the pixels just outside the chunk (see _halo)
+
+
+def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], buckets: int, overview: Mosaic | None):
+    """Step 3 for the 2 x 2 chunks that make chunk ``block`` of overview level 2, which it writes too if asked."""
+    top, left = min(c.where[0].start for c in chunks), min(c.where[1].start for c in chunks)
+    rows = slice(top, max(c.where[0].stop for c in chunks))
+    cols = slice(left, max(c.where[1].stop for c in chunks))
+    group = zarr.open_group(plan.path, mode="r+")
+    label = group["label"][rows, cols]
+    instance = np.zeros(label.shape, np.uint64)
+    for chunk in chunks:
+        inside = (slice(chunk.where[0].start - top, chunk.where[0].stop - top),
+                  slice(chunk.where[1].start - left, chunk.where[1].stop - left))  # fmt: skip
+        instance[inside] = _outlines(plan, chunk, label[inside], buckets)
+    group["instance"][rows, cols] = instance  # whole chunks: aligned writes
+    if overview is not None:
+        write_overview_chunk(overview, 2, block, label, group["score"][rows, cols], instance)
+
+
+def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray, buckets: int) -> np.ndarray:
+    """Step 3 for one chunk: polygonise its border objects, or stage their runs; returns its ``instance`` ids."""
+    components = _components(label, plan.codes, work.where, plan.width)  # recomputed: cheaper than staging ids
     object_of_local = np.concatenate(([0], components.first + 1))
-    object_of_local[border_ids] = border_objects
-    zarr.open_group(plan.path, mode="r+")["instance"][where] = object_of_local[components.local].astype(np.uint64)
+    object_of_local[work.border_ids] = work.border_objects
     on_border = np.zeros(components.count + 1, np.int64)
-    on_border[border_ids] = border_objects
+    on_border[work.border_ids] = work.border_objects
     padded = np.pad(on_border[components.local], 1)
-    for (index, side), values in zip(((0, np.s_[1:-1]), (-1, np.s_[1:-1]), (np.s_[1:-1], 0), (np.s_[1:-1], -1)), halo):
+    sides = ((0, np.s_[1:-1]), (-1, np.s_[1:-1]), (np.s_[1:-1], 0), (np.s_[1:-1], -1))
+    for (index, side), values in zip(sides, work.halo):
         if values is not None:
             padded[index, side] = values
-    runs = boundary_runs(padded, (where[0].start, where[1].start))
+    runs = boundary_runs(padded, (work.where[0].start, work.where[1].start))
+    objects = work.objects
     crossing = objects.crossing[np.searchsorted(objects.ids, runs.ids)]
     ids, shapes = polygons(runs.select(~crossing))
+    key = work.key
     pq.write_table(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.parquet")
     across = runs.select(crossing)
     bucket_of = across.ids % buckets
@@ -411,6 +454,7 @@ def _outlines(
         pq.write_table(
             pa.table({name: getattr(runs_in, name) for name in Runs.__slots__}), folder / f"{key[0]}_{key[1]}.parquet"
         )
+    return object_of_local[components.local].astype(np.uint64)
 
 
 def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
