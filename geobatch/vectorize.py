@@ -469,3 +469,4 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None
     runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__)) if table else Runs.concat([])
     ids, shapes = polygons(runs)
     pq.write_table(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.parquet")
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory; the worker may idle now

@@ -2,6 +2,8 @@
 
 import numpy as np
 import rasterio
+import xarray as xr
+import zarr
 from conftest import NAIP_2010, open_mosaic, write_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,8 +42,14 @@ def test_any_tiling_gives_the_whole_scene_answer(
     spec = load_job(write_job(folder / "job.yaml", scenes=[str(scene)], tiling={"core": core, "overlap": overlap}))
     summary = run_job(spec)
     assert not summary.failed
-    label = open_mosaic(spec.output / "mosaics" / "crop.zarr")["label"].values
+    mosaic_path = spec.output / "mosaics" / "crop.zarr"
+    mosaic = open_mosaic(mosaic_path)
+    label = mosaic["label"].values
     assert np.array_equal(label, np.where(valid, water.astype(np.uint8), LABEL_NODATA))
+    for factor in zarr.open_group(mosaic_path, mode="r").attrs["overviews"]["factors"]:  # chunk by chunk, any core
+        level = xr.open_zarr(mosaic_path, group=f"overviews/{factor}", consolidated=False)
+        assert np.array_equal(level["label"].values, label[::factor, ::factor])
+        assert np.array_equal(level["instance"].values, mosaic["instance"].values[::factor, ::factor])
     components, count = ndimage.label(water)  # 4-connected, like the pipeline
     objects = catalog.open(spec.output).query()
     assert len(objects) == count and objects.object_id.is_unique
