@@ -31,8 +31,11 @@ T = TypeVar("T")
 
 _BUCKET_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/"}
 
-# Read a COG's header in one request, never list a "directory" of a URL, merge adjacent tile ranges.
-_REMOTE_DEFAULTS = {
+# Read a COG's header in one request, never list a "directory" of a URL, merge adjacent tile ranges;
+# and a block cache of a few tiles' blocks: GDAL's default (5 % of the machine's memory per process)
+# makes every reader grow with the scene until it holds over a gigabyte.
+_GDAL_DEFAULTS = {
+    "GDAL_CACHEMAX": "256",  # MiB (a job's gdal_options may set another number of MiB)
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
@@ -73,7 +76,7 @@ def is_permanent(exc: BaseException) -> bool:
 class Access:
     """GDAL settings and retry policy for one job's scenes; cheap to pass to every worker."""
 
-    gdal_options: dict[str, str] = field(default_factory=lambda: dict(_REMOTE_DEFAULTS))
+    gdal_options: dict[str, str] = field(default_factory=lambda: dict(_GDAL_DEFAULTS))
     retries: int = StorageSpec.model_fields["retries"].default  # the job's defaults, in one place
     backoff_s: float = StorageSpec.model_fields["retry_backoff_s"].default
 
@@ -90,12 +93,15 @@ class Access:
             options["AWS_PROFILE"] = storage.s3_profile
         if storage.requester_pays:
             options["AWS_REQUEST_PAYER"] = "requester"
-        return cls(_REMOTE_DEFAULTS | options | storage.gdal_options, storage.retries, storage.retry_backoff_s)
+        return cls(_GDAL_DEFAULTS | options | storage.gdal_options, storage.retries, storage.retry_backoff_s)
 
     @contextmanager
     def env(self, **extra: str) -> Iterator[None]:
         """GDAL configured for this job (plus ``extra``); every GDAL call on a scene runs inside it."""
-        with rasterio.Env(**self.gdal_options, **_credential_files(), **extra):
+        options = {**self.gdal_options, **_credential_files(), **extra}
+        if "GDAL_CACHEMAX" in options:  # rasterio sets GDAL's cache size itself, from a number of bytes
+            options["GDAL_CACHEMAX"] = int(options["GDAL_CACHEMAX"]) * 2**20
+        with rasterio.Env(**options):
             yield
 
     def retrying(self, uri: str, operation: Callable[[], T], on_retry: Callable[[], None] | None = None) -> T:

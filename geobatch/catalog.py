@@ -107,6 +107,7 @@ class GeoParquetStream:
         self._writer.add_key_value_metadata({"geo": json.dumps(self._geo())})
         self._writer.close()
         os.replace(self.partial, self.path)
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps what the rows used otherwise
         return self.path
 
     def abort(self) -> None:

@@ -51,7 +51,7 @@ from geobatch.tiling import TileGrid, plan_tiles
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
-_CROSSING_PER_BUCKET = 2048  # seam-crossing objects traced by one task (memory: their runs)
+_CROSSING_PER_BUCKET = 512  # seam-crossing objects traced by one task (memory: their runs, ~100 B per run)
 
 ChunkKey = tuple[int, int]
 _WGS84 = pyproj.CRS.from_epsg(4326)  # parsed once: geopandas would parse '4326' for every chunk
