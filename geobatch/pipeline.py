@@ -82,6 +82,7 @@ class RunSummary:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # inference; vectorising, overviews, catalog
     unchanged: int = 0  # scenes an earlier run processed, unchanged since: not part of this run
     report: Path | None = None  # the run's HTML report (reports/<run_id>/index.html)
+    prompts_outside: tuple[str, ...] = ()  # ids of vector prompt features that reach no scene of the job
 
     @property
     def failed(self) -> bool:
@@ -130,6 +131,7 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
     """The run, once the job's lock is held (see :func:`run_job`)."""
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
     scenes, failures = _open_scenes(spec, bands, model.input_values, access)
+    outside = _prompts_outside(model, scenes)
     scenes, identities, unchanged = _increment(ledger, product_key(spec), scenes, access)
     if spec.region and scenes:  # a region is composited from all its sources: one new or changed redoes it
         scenes, unchanged = scenes + unchanged, []
@@ -197,12 +199,22 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
         resumed=ledger.resumed,
         phase_seconds={"inference": report.seconds if report else 0.0, "vectorize_and_catalog": finishing},
         unchanged=len(unchanged),
+        prompts_outside=outside,
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
     ledger.end_run("failed" if summary.failed else "ok")
     summary = dataclasses.replace(summary, report=_write_report(spec.output, ledger.run_id))
     ledger.close()
     return summary
+
+
+def _prompts_outside(model, scenes: list[Scene]) -> tuple[str, ...]:
+    """Ids of the model's vector prompt features that reach none of the job's scenes: reported, never lost."""
+    outside = getattr(model, "prompts_outside", None)
+    ids = tuple(outside([scene.geobox for scene in scenes])) if outside else ()
+    for feature_id in ids:
+        log.warning("prompt feature %s is outside every scene of the job", feature_id)
+    return ids
 
 
 def _write_report(output: Path, run_id: str) -> Path | None:
@@ -440,6 +452,7 @@ def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | No
         "unchanged": summary.unchanged,
         "scenes": [dataclasses.asdict(s) for s in summary.scenes],
         "objects_per_label": summary.objects_per_label,
+        "prompts_outside": list(summary.prompts_outside),
         "inference": inference,
     }
     partial = path.with_suffix(".json.partial")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from odc.geo.geobox import GeoBox
 
 from geobatch.errors import UnknownModel
 from geobatch.scenes import InputValues
@@ -22,6 +23,7 @@ MODELS: dict[str, str] = {
     "spectral": "geobatch.models.spectral:Spectral",
     "fixed-cost": "geobatch.models.synthetic:FixedCost",
     "synthetic-instances": "geobatch.models.synthetic:SyntheticInstances",
+    "sam": "geobatch.models.sam:SegmentAnything",
 }
 
 ObjectKind = Literal["components", "instances"]
@@ -44,6 +46,8 @@ class Instance:
     score: float
     phrase: str
     score_map: np.ndarray | None = None  # float32 per-pixel confidence, for pixel-wise models
+    prompt_id: str | None = None  # the vector feature that prompted it: views with one id are one object
+    attributes: Mapping[str, Any] | None = None  # JSON-ready facts for the catalog (model measures, feature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,7 @@ class TileInput:
     tile: Tile
     bands: Mapping[str, np.ndarray]
     valid: np.ndarray  # bool; invalid pixels must never be labelled
+    grid: GeoBox | None = None  # the read window's CRS, transform and shape, for models placing vector data
 
 
 @dataclass(frozen=True, slots=True)
