@@ -213,7 +213,7 @@ def test_prompts_mode_gives_one_catalog_row_per_feature_inside_with_its_id_and_a
     options = {"checkpoint": str(checkpoint), "mode": "prompts", "prompts_file": prompts.name}  # relative to the job
     job = write_job(
         tmp_path / "job.yaml", scenes=[str(scene_file)], prompts=PROMPT, model={"name": "sam", "options": options},
-        tiling={"core": GRID.core, "overlap": GRID.overlap}, bands=RGB,
+        tiling={"core": GRID.core, "overlap": GRID.overlap}, bands=RGB, ray={"num_actors": 1},
     )  # fmt: skip
     summary = run_job(load_job(job))
     assert not summary.failed
@@ -235,7 +235,7 @@ def test_everything_mode_through_the_pipeline_catalogues_objects_with_their_stab
     options = {"checkpoint": str(checkpoint), **EVERYTHING}
     job = write_job(
         tmp_path / "job.yaml", scenes=[str(scene_file)], prompts=PROMPT, model={"name": "sam", "options": options},
-        tiling={"core": GRID.core, "overlap": GRID.overlap}, bands=RGB,
+        tiling={"core": GRID.core, "overlap": GRID.overlap}, bands=RGB, ray={"num_actors": 1},
     )  # fmt: skip
     summary = run_job(load_job(job))
     assert not summary.failed and summary.tiles["done"] == 4
