@@ -9,6 +9,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import shapely
@@ -219,6 +220,8 @@ def test_prompts_mode_gives_one_catalog_row_per_feature_inside_with_its_id_and_a
     assert not summary.failed
     objects = gpd.read_parquet(summary.tables["objects"]).set_index("prompt_id")
     assert sorted(objects.index) == INSIDE  # b and c cross seams, and still give one row each
+    staged = pd.concat([pd.read_parquet(p) for p in (summary.output / "mosaics").glob("*.tile_instances/*.parquet")])
+    assert staged.groupby("prompt_id").size().to_dict() == {"a": 1, "b": 2, "c": 4, "d": 1}  # views merged by id
     for feature_id in INSIDE:
         attributes = json.loads(objects.loc[feature_id, "attributes"])
         assert attributes["feature"] == {"name": f"field {feature_id}", "year": 1990 + list(FEATURES).index(feature_id)}
