@@ -83,6 +83,7 @@ class RunSummary:
     unchanged: int = 0  # scenes an earlier run processed, unchanged since: not part of this run
     report: Path | None = None  # the run's HTML report (reports/<run_id>/index.html)
     prompts_outside: tuple[str, ...] = ()  # ids of vector prompt features that reach no scene of the job
+    prompts_without_object: tuple[str, ...] = ()  # features inside a scene with no catalogued object
 
     @property
     def failed(self) -> bool:
@@ -200,6 +201,7 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
         phase_seconds={"inference": report.seconds if report else 0.0, "vectorize_and_catalog": finishing},
         unchanged=len(unchanged),
         prompts_outside=outside,
+        prompts_without_object=_prompts_without_object(model, spec.output, outside),
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
     ledger.end_run("failed" if summary.failed else "ok")
@@ -215,6 +217,22 @@ def _prompts_outside(model, scenes: list[Scene]) -> tuple[str, ...]:
     for feature_id in ids:
         log.warning("prompt feature %s is outside every scene of the job", feature_id)
     return ids
+
+
+def _prompts_without_object(model, output: Path, outside: tuple[str, ...]) -> tuple[str, ...]:
+    """Ids of the model's vector prompt features inside a scene that have no object in the catalog (an empty
+    mask, or only nodata or failed tiles under them), from the catalog's ``prompt_id`` columns."""
+    ids = getattr(model, "prompt_ids", ())
+    if not ids:
+        return ()
+    answered = set(outside)
+    for path in (output / "catalog" / "objects").glob("*/*/*.parquet"):
+        if "prompt_id" in pq.read_schema(path).names:
+            answered.update(pq.read_table(path, columns=["prompt_id"]).column(0).to_pylist())
+    missing = tuple(feature_id for feature_id in ids if feature_id not in answered)
+    for feature_id in missing:
+        log.warning("prompt feature %s lies in a scene but got no object", feature_id)
+    return missing
 
 
 def _write_report(output: Path, run_id: str) -> Path | None:
@@ -453,6 +471,7 @@ def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | No
         "scenes": [dataclasses.asdict(s) for s in summary.scenes],
         "objects_per_label": summary.objects_per_label,
         "prompts_outside": list(summary.prompts_outside),
+        "prompts_without_object": list(summary.prompts_without_object),
         "inference": inference,
     }
     partial = path.with_suffix(".json.partial")

@@ -227,9 +227,24 @@ def test_prompts_mode_gives_one_catalog_row_per_feature_inside_with_its_id_and_a
         assert attributes["feature"] == {"name": f"field {feature_id}", "year": 1990 + list(FEATURES).index(feature_id)}
         assert 0 <= attributes["stability_score"] <= 1
     assert objects["pixels"].gt(0).all()
-    assert summary.prompts_outside == ("out-east", "out-north")
+    assert summary.prompts_outside == ("out-east", "out-north") and summary.prompts_without_object == ()
     recorded = json.loads((summary.output / "run" / "summary.json").read_text())
     assert recorded["prompts_outside"] == ["out-east", "out-north"]
+
+
+def test_features_inside_the_scene_that_get_no_mask_are_reported_not_lost(
+    ray_session, checkpoint, scene_file, tmp_path
+):
+    prompts = write_prompts(prompt_frame(scene_file), tmp_path / "fields.parquet")
+    options = {"checkpoint": str(checkpoint), "mode": "prompts", "prompts_file": str(prompts), "mask_threshold": 1e9}
+    job = write_job(
+        tmp_path / "job.yaml", scenes=[str(scene_file)], prompts=PROMPT, model={"name": "sam", "options": options},
+        tiling={"core": GRID.core, "overlap": GRID.overlap}, bands=RGB, ray={"num_actors": 1},
+    )  # fmt: skip
+    summary = run_job(load_job(job))  # no logit reaches the threshold: every mask is empty
+    assert summary.objects_per_label == {}
+    assert summary.prompts_without_object == tuple(INSIDE)
+    assert summary.prompts_outside == ("out-east", "out-north")
 
 
 def test_everything_mode_through_the_pipeline_catalogues_objects_with_their_stability(

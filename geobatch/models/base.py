@@ -80,6 +80,9 @@ class Segmenter(Protocol):
     the connected components of each label across the whole mosaic (``vectorize``). ``"instances"``: each
     instance is an object of its own; instances may overlap and touch, and the partial views of one
     instance on neighbouring tiles are matched and merged into one object (``instances``).
+    Backends prompted by vector features also provide ``prompt_ids`` (every feature's id) and
+    ``prompts_outside(grids) -> list[str]`` (those reaching none of the scenes' grids): the run reports
+    the features outside every scene and those inside that got no object.
     """
 
     name: str

@@ -10,7 +10,8 @@ no torchvision). Two modes:
 - ``prompts``: one mask per feature of a vector file (any CRS), prompted by its box or a point inside it.
   Every tile whose read window the feature reaches answers it; the views carry the feature's id, and the
   stitching stage merges views by that id (not by overlap), so a feature gives exactly one object, with
-  its id and properties in the catalog. Features outside every scene are reported by the run.
+  its id and properties in the catalog. Features outside every scene, and features inside that got no
+  object (an empty mask), are reported by the run.
 
 Each tile is encoded once (a batch of tiles at once: ``batch_size``) and the embedding serves every
 prompt of the tile; the decoder takes ``points_per_batch`` prompts at a time. Instances: score = the
@@ -101,6 +102,11 @@ class SegmentAnything:
                 "'sam' takes exactly one prompt of kind 'class', whose label names its objects (e.g. 'object')"
             )
         return ("red", "green", "blue")
+
+    @property
+    def prompt_ids(self) -> tuple[str, ...]:
+        """Every prompt feature's id (``prompts`` mode), for the run to report those that got no object."""
+        return tuple(f.id for f in self.prompt_features.features) if self.prompt_features else ()
 
     def prompts_outside(self, grids: Sequence[GeoBox]) -> list[str]:
         """Ids of the prompt features (``prompts`` mode) that reach none of the scene ``grids``."""
