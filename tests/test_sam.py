@@ -182,6 +182,8 @@ def test_the_quality_filters_drop_what_fails_them(checkpoint, scene_file):
     stable = load_model("sam", options | {"stability_score_thresh": threshold})
     kept = stable(tile, [Prompt("objects", "class", "object")]).instances["object"]
     assert kept and all(i.attributes["stability_score"] >= threshold for i in kept)
+    nothing = load_model("sam", options | {"mask_threshold": 1e9})  # every candidate mask is empty
+    assert nothing(tile, [Prompt("objects", "class", "object")]).instances == {"object": []}
 
 
 def test_the_image_encoder_runs_once_per_tile_for_all_its_prompts(checkpoint, scene_file, tmp_path):

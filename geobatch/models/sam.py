@@ -170,7 +170,9 @@ class SegmentAnything:
             scores.append(iou[keep])
             stabilities.append(stability[keep])
         masks, scores, stabilities = torch.cat(masks), torch.cat(scores), torch.cat(stabilities)
-        kept = non_maximum_suppression(mask_boxes(masks), scores, settings.box_nms_thresh) if len(masks) else []
+        if not len(masks):
+            return []
+        kept = non_maximum_suppression(mask_boxes(masks), scores, settings.box_nms_thresh)
         return [
             Instance(masks[i].cpu().numpy(), float(scores[i]), phrase, attributes=_measures(stabilities[i]))
             for i in kept.tolist()
