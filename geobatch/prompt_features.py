@@ -56,7 +56,11 @@ class PromptFeatures:
 
         self.path, self.kind = Path(path), kind
         try:
-            frame = gpd.read_parquet(self.path) if self.path.suffix == ".parquet" else gpd.read_file(self.path)
+            frame = (
+                gpd.read_parquet(self.path)
+                if self.path.suffix in (".parquet", ".geoparquet")
+                else gpd.read_file(self.path)
+            )
         except Exception as exc:  # noqa: BLE001 - any reader failure: one line naming the file
             raise JobSpecError(f"{field} {self.path}: cannot be read: {' '.join(str(exc).split())[:200]}") from None
         if frame.crs is None:

@@ -209,6 +209,33 @@ def test_prompt_features_from_any_format_and_crs_land_on_their_pixels(scene_file
     assert features.outside([scene.geobox]) == ["out-east", "out-north"]
 
 
+def test_point_prompts_answer_each_feature_from_a_point_inside_it(checkpoint, scene_file, tmp_path):
+    prompts = write_prompts(prompt_frame(scene_file), tmp_path / "fields.geojson")
+    options = {"mode": "prompts", "prompts_file": str(prompts), "prompt_kind": "point"}
+    # the random network's best candidate for these points is empty at threshold 0; at -100 none is
+    model = load_model("sam", {"checkpoint": str(checkpoint), **options, "mask_threshold": -100})
+    first = tile_inputs(scene_file)[0]
+    placed = {p.feature.id: p.point for p in model.prompt_features.in_window(first.grid)}
+    assert sorted(placed) == ["a", "b", "c"]  # d's point lies beyond the first tile's read window
+    for feature_id, (x, y) in placed.items():
+        c0, r0, c1, r1 = FEATURES[feature_id]
+        assert c0 <= x <= c1 and r0 <= y <= r1
+    answers = {i.prompt_id: i for i in model(first, [Prompt("objects", "class", "object")]).instances["object"]}
+    assert sorted(answers) == ["a", "b", "c"]
+    embedding = model.sam.get_image_embeddings(model._image(first)[None])
+    _, candidates = model._decode(embedding, first.valid.shape, points=np.array(list(placed.values())), multimask=True)
+    best = candidates.max(dim=1).values.tolist()  # of the three masks per point, the best by predicted IoU
+    assert [answers[i].score for i in placed] == pytest.approx(best, abs=1e-5)
+
+
+def test_box_prompts_from_point_features_are_refused_naming_the_feature(scene_file, tmp_path):
+    frame = prompt_frame(scene_file)
+    frame.loc[2, "geometry"] = frame.geometry[2].centroid
+    path = write_prompts(frame, tmp_path / "mixed.gpkg")
+    with pytest.raises(JobSpecError, match="mixed.gpkg: feature 'c' is a point; use prompt_kind: point"):
+        PromptFeatures(path, "id", "box")
+
+
 def test_prompts_mode_gives_one_catalog_row_per_feature_inside_with_its_id_and_attributes(
     ray_session, checkpoint, scene_file, tmp_path
 ):
