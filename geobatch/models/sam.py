@@ -55,8 +55,8 @@ class SamOptions(BaseModel):
     prompts_file: Path | None = None
     prompt_kind: Literal["box", "point"] = "box"
     id_field: str = "id"
-    device: str = "cpu"
-    batch_size: Annotated[int, Field(gt=0, le=256)] = 1
+    device: str = "auto"  # "auto": the GPU when there is one (a Ray GPU actor), else the CPU
+    batch_size: Annotated[int, Field(gt=0, le=256)] | None = None  # tiles encoded together; default 4 on GPU, 1 on CPU
     mask_threshold: float = 0.0
     points_per_side: Annotated[int, Field(gt=0, le=256)] = 32
     points_per_batch: Annotated[int, Field(gt=0, le=4096)] = 64
@@ -85,12 +85,12 @@ class SegmentAnything:
         from geobatch.models.sam_checkpoint import CheckpointError, load_sam
 
         self.options = _validated(options)
+        self.device = _device(self.options.device)
         try:
-            self.sam, self.architecture = load_sam(self.options.checkpoint, self.options.device)
+            self.sam, self.architecture = load_sam(self.options.checkpoint, self.device)
         except CheckpointError as exc:
             raise JobSpecError(f"model option 'checkpoint': {exc}") from None
-        self.batch_size = self.options.batch_size
-        self.device = self.options.device
+        self.batch_size = self.options.batch_size or (1 if self.device == "cpu" else 4)
         self.prompt_features = None
         if self.options.mode == "prompts":
             opts = self.options
@@ -244,6 +244,15 @@ def _validated(options: dict[str, Any]) -> SamOptions:
     if parsed.mode == "everything" and parsed.prompts_file is not None:
         raise JobSpecError("model option 'prompts_file': only used with mode 'prompts'")
     return parsed
+
+
+def _device(option: str) -> str:
+    """The torch device for the ``device`` option: ``auto`` is ``cuda`` where PyTorch sees a GPU, else ``cpu``."""
+    import torch
+
+    if option == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return option
 
 
 def _resized(shape: tuple[int, int], size: int) -> tuple[int, int]:
