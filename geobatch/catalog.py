@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 OBJECT_COLUMNS = (
     "object_id", "label", "phrase", "score", "area_m2", "pixels", "scene_id", "acquired_at", "run_id", "model",
 )  # fmt: skip
+OPTIONAL_OBJECT_COLUMNS = ("prompt_id", "attributes")  # objects of vector prompts; model measures (JSON text)
 TABLES = ("objects", "scenes", "tiles")
 ROW_GROUP_ROWS = 4096  # small enough that a region query reads few rows beyond its answer
 UNDATED = "undated"
@@ -167,7 +168,8 @@ def scene_object_columns(
     rows: pa.Table, scene_id: str, acquired_at: dt.datetime | None, run_id: str, model: str, phrases: dict[str, str]
 ) -> pa.Table:
     """A scene's object rows (``object_id``, ``label``, ``score``, ``pixels``, ``area_m2``, ``geometry``,
-    ``bbox``, and ``phrase`` where the model gave one) with the catalog's other columns, in its column order.
+    ``bbox``, and ``phrase`` where the model gave one) with the catalog's other columns, in its column order;
+    the optional columns (``OPTIONAL_OBJECT_COLUMNS``) are kept where the rows have them.
 
     Rows without a phrase get their prompt's text (``phrases``: label -> text).
     """
@@ -182,7 +184,8 @@ def scene_object_columns(
         "run_id": pa.array([run_id] * n, pa.string()),
         "model": pa.array([model] * n, pa.string()),
     }
-    names = (*OBJECT_COLUMNS, "geometry", "bbox")
+    optional = [name for name in OPTIONAL_OBJECT_COLUMNS if name in rows.column_names]
+    names = (*OBJECT_COLUMNS, *optional, "geometry", "bbox")
     return pa.table({name: columns[name] if name in columns else rows.column(name) for name in names})
 
 

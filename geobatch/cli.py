@@ -93,6 +93,10 @@ def run(
     except GeobatchError as exc:
         raise _fail(str(exc)) from None
     print_summary(summary, Console())
+    for feature_id in summary.prompts_outside:
+        print(f"geobatch: note: prompt feature {feature_id} is outside every scene", file=sys.stderr)
+    for feature_id in summary.prompts_without_object:
+        print(f"geobatch: note: prompt feature {feature_id} got no object", file=sys.stderr)
     for scene in summary.scenes:
         if scene.status != "done":
             kind = "note" if scene.status == "skipped" else "error"

@@ -114,7 +114,8 @@ class TileWorker:
             if not pixels.valid[work.tile.core_in_read].any():
                 outcomes[work.tile.tile_id] = self._outcome(work.tile, "skipped", "no valid pixels (all nodata)")
             else:
-                inputs.append((work, TileInput(work.tile, pixels.bands, pixels.valid)))
+                grid = work.scene.geobox[work.tile.read_window.toslices()]
+                inputs.append((work, TileInput(work.tile, pixels.bands, pixels.valid, grid)))
         with self._model_lock:
             inferred = time.perf_counter()
             results = self._infer([tile_input for _, tile_input in inputs])

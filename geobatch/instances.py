@@ -47,6 +47,7 @@ from rasterio.windows import Window
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from geobatch.catalog import OPTIONAL_OBJECT_COLUMNS
 from geobatch.polygonize import boundary_runs, polygons
 from geobatch.scenes import Scene
 from geobatch.stitch import LABEL_BACKGROUND, LABEL_NODATA, Mosaic, staged_mask
@@ -95,7 +96,8 @@ def merge_instances(
         if mosaic.staged_instances(t.row, t.col).exists()
     }
     instances = _summaries(tiles, mosaic.shape[1])
-    objects = _objects(instances, _matches(tiles, instances, grid, thresholds), grid.core, mosaic.labels)
+    edges = np.concatenate([_matches(tiles, instances, grid, thresholds), _same_prompt(instances)])
+    objects = _objects(instances, edges, grid.core, mosaic.labels)
     shapes = _paint_and_polygonise(mosaic, tiles, instances, objects, Georeference.of(scene))
     return _catalog_rows(objects.join(shapes), mosaic, scene)
 
@@ -138,6 +140,17 @@ def _matches(
     starts = dict(zip(tiles, np.cumsum([0, *(sizes[key] for key in tiles)]).tolist()))  # tiles' instances in order
     offsets = [(starts[a], starts[b]) for a, b in pairs]
     return np.concatenate([np.zeros((0, 2), np.int64)] + [m + offset for m, offset in zip(found, offsets)])
+
+
+def _same_prompt(instances: pd.DataFrame) -> np.ndarray:
+    """Pairs of global instance indices that answer the same vector prompt (``prompt_id``): one object."""
+    prompted = instances[instances["prompt_id"].notna()]
+    pairs = [
+        np.stack([group[:-1], group[1:]], axis=1)
+        for group in prompted.groupby("prompt_id").indices.values()
+        if len(group) > 1
+    ]
+    return np.concatenate([np.zeros((0, 2), np.int64), *[prompted.index.to_numpy()[p] for p in pairs]])
 
 
 def match_masks(
@@ -188,7 +201,7 @@ def _staged_over(row: pd.Series, window: Window) -> np.ndarray:
 
 
 _SUMMARY_COLUMNS = ("label", "score", "phrase", "seen", "pixels", "first_pixel", "row_sum", "col_sum",
-                    "top", "left", "bottom", "right")  # fmt: skip
+                    "top", "left", "bottom", "right", "prompt_id", "attributes")  # fmt: skip
 _SUMMARY_FRAME = pd.DataFrame(columns=[*_SUMMARY_COLUMNS, "tile_row", "tile_col", "local"])
 
 
@@ -206,7 +219,8 @@ def _summarise(staged: StagedTile, width: int) -> pd.DataFrame:
         seen = np.count_nonzero(staged_mask(instance["height"], instance["width"], instance["mask"]))
         summary.append(
             (instance["label"], instance["score"], instance["phrase"], seen, np.count_nonzero(piece),
-             (r * width + c).min(), r.sum(), c.sum(), r.min(), c.min(), r.max() + 1, c.max() + 1)
+             (r * width + c).min(), r.sum(), c.sum(), r.min(), c.min(), r.max() + 1, c.max() + 1,
+             instance.get("prompt_id"), instance.get("attributes"))
         )  # fmt: skip
     return pd.DataFrame(summary, columns=list(_SUMMARY_COLUMNS))
 
@@ -253,10 +267,16 @@ def _match_tiles(a: StagedTile, b: StagedTile, grid: TileGrid, thresholds: Match
     compared = _compared(a.tile, b.tile, grid)
     views = []
     for staged in (a, b):
-        over = [(i, row["label"], _staged_over(row, compared)) for i, row in _read_staged(staged.path).iterrows()]
+        staged_rows = _read_staged(staged.path).iterrows()
+        over = [(i, row["label"], _staged_over(row, compared)) for i, row in staged_rows if _unprompted(row)]
         views.append([view for view in over if view[2].any()])
     pairs = match_masks([v[1:] for v in views[0]], [v[1:] for v in views[1]], thresholds)
     return np.array([(views[0][i][0], views[1][j][0]) for i, j in pairs], np.int64).reshape(-1, 2)
+
+
+def _unprompted(row: pd.Series) -> bool:
+    """Whether a staged instance is matched by overlap: it answers no vector prompt (those match by id)."""
+    return pd.isna(row.get("prompt_id"))
 
 
 def _objects(instances: pd.DataFrame, edges: np.ndarray, core: int, labels: Sequence[str]) -> pd.DataFrame:
@@ -271,7 +291,7 @@ def _objects(instances: pd.DataFrame, edges: np.ndarray, core: int, labels: Sequ
     pieces = instances[instances["pixels"] > 0].groupby("group")
     objects = pieces[["pixels", "row_sum", "col_sum"]].sum()
     objects = objects.join(pieces[["first_pixel", "top", "left"]].min()).join(pieces[["bottom", "right"]].max())
-    objects = objects.join(widest[["label", "score", "phrase"]])
+    objects = objects.join(widest[["label", "score", "phrase", "prompt_id", "attributes"]])
     objects["code"] = objects["label"].map({label: i + 1 for i, label in enumerate(labels)})
     objects = objects.sort_values(["first_pixel", "code", "score", "pixels"], ascending=[True, True, False, False])
     objects["id"] = np.arange(1, len(objects) + 1)
@@ -367,15 +387,15 @@ def _catalog_rows(objects: pd.DataFrame, mosaic: Mosaic, scene: Scene) -> gpd.Ge
     labels = objects["label"].to_numpy(object)
     first = pd.Series([f"{scene.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], dtype=object)
     repeat = first.groupby(first).cumcount().to_numpy() + 1  # overlapping instances may share a first pixel
-    return gpd.GeoDataFrame(
-        {
-            "object_id": [oid if k == 1 else f"{oid}:{k}" for oid, k in zip(first, repeat)],
-            "label": labels,
-            "phrase": objects["phrase"].to_numpy(object),
-            "score": objects["score"].to_numpy(np.float32),
-            "pixels": objects["pixels"].to_numpy(np.int64),
-            "area_m2": objects["area"].to_numpy(np.float64),
-        },
-        geometry=objects["geometry"].to_numpy(),
-        crs=4326,
-    )
+    columns = {
+        "object_id": [oid if k == 1 else f"{oid}:{k}" for oid, k in zip(first, repeat)],
+        "label": labels,
+        "phrase": objects["phrase"].to_numpy(object),
+        "score": objects["score"].to_numpy(np.float32),
+        "pixels": objects["pixels"].to_numpy(np.int64),
+        "area_m2": objects["area"].to_numpy(np.float64),
+    }
+    for name in OPTIONAL_OBJECT_COLUMNS:  # only where the model gave them, so other catalogs keep their columns
+        if objects[name].notna().any():
+            columns[name] = [None if pd.isna(v) else str(v) for v in objects[name]]
+    return gpd.GeoDataFrame(columns, geometry=objects["geometry"].to_numpy(), crs=4326)

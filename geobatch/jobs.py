@@ -266,7 +266,17 @@ def _describe(exc: ValidationError) -> str:
 def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     scenes = [s.model_copy(update={"uri": _resolve_uri(s.uri, base)}) for s in spec.scenes]
     output = spec.output if spec.output.is_absolute() else base / spec.output
-    return spec.model_copy(update={"scenes": scenes, "output": output.resolve()})
+    options = {
+        key: _resolve_uri(value, base) if _names_a_file(key) and isinstance(value, str) else value
+        for key, value in spec.model.options.items()
+    }
+    model = spec.model.model_copy(update={"options": options})
+    return spec.model_copy(update={"scenes": scenes, "output": output.resolve(), "model": model})
+
+
+def _names_a_file(option: str) -> bool:
+    """Model options that name a file or folder (resolved like scene paths): ``checkpoint``, ``*_file``, ``*_dir``."""
+    return option == "checkpoint" or option.endswith(("_file", "_dir", "_path"))
 
 
 def _resolve_uri(uri: str, base: Path) -> str:

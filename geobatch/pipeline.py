@@ -82,6 +82,8 @@ class RunSummary:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # inference; vectorising, overviews, catalog
     unchanged: int = 0  # scenes an earlier run processed, unchanged since: not part of this run
     report: Path | None = None  # the run's HTML report (reports/<run_id>/index.html)
+    prompts_outside: tuple[str, ...] = ()  # ids of vector prompt features that reach no scene of the job
+    prompts_without_object: tuple[str, ...] = ()  # features inside a scene with no catalogued object
 
     @property
     def failed(self) -> bool:
@@ -130,6 +132,7 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
     """The run, once the job's lock is held (see :func:`run_job`)."""
     ledger = Ledger.open(spec.output, job_fingerprint(spec))
     scenes, failures = _open_scenes(spec, bands, model.input_values, access)
+    outside = _prompts_outside(model, scenes)
     scenes, identities, unchanged = _increment(ledger, product_key(spec), scenes, access)
     if spec.region and scenes:  # a region is composited from all its sources: one new or changed redoes it
         scenes, unchanged = scenes + unchanged, []
@@ -197,12 +200,39 @@ def _run_locked(spec, started, prompts, model, bands, access, on_tile, total_til
         resumed=ledger.resumed,
         phase_seconds={"inference": report.seconds if report else 0.0, "vectorize_and_catalog": finishing},
         unchanged=len(unchanged),
+        prompts_outside=outside,
+        prompts_without_object=_prompts_without_object(model, spec.output, outside),
     )
     _write_summary_file(ledger.folder / "summary.json", summary, report)
     ledger.end_run("failed" if summary.failed else "ok")
     summary = dataclasses.replace(summary, report=_write_report(spec.output, ledger.run_id))
     ledger.close()
     return summary
+
+
+def _prompts_outside(model, scenes: list[Scene]) -> tuple[str, ...]:
+    """Ids of the model's vector prompt features that reach none of the job's scenes: reported, never lost."""
+    outside = getattr(model, "prompts_outside", None)
+    ids = tuple(outside([scene.geobox for scene in scenes])) if outside else ()
+    for feature_id in ids:
+        log.warning("prompt feature %s is outside every scene of the job", feature_id)
+    return ids
+
+
+def _prompts_without_object(model, output: Path, outside: tuple[str, ...]) -> tuple[str, ...]:
+    """Ids of the model's vector prompt features inside a scene that have no object in the catalog (an empty
+    mask, or only nodata or failed tiles under them), from the catalog's ``prompt_id`` columns."""
+    ids = getattr(model, "prompt_ids", ())
+    if not ids:
+        return ()
+    answered = set(outside)
+    for path in (output / "catalog" / "objects").glob("*/*/*.parquet"):
+        if "prompt_id" in pq.read_schema(path).names:
+            answered.update(pq.read_table(path, columns=["prompt_id"]).column(0).to_pylist())
+    missing = tuple(feature_id for feature_id in ids if feature_id not in answered)
+    for feature_id in missing:
+        log.warning("prompt feature %s lies in a scene but got no object", feature_id)
+    return missing
 
 
 def _write_report(output: Path, run_id: str) -> Path | None:
@@ -452,6 +482,8 @@ def _write_summary_file(path: Path, summary: RunSummary, report: PoolReport | No
         "unchanged": summary.unchanged,
         "scenes": [dataclasses.asdict(s) for s in summary.scenes],
         "objects_per_label": summary.objects_per_label,
+        "prompts_outside": list(summary.prompts_outside),
+        "prompts_without_object": list(summary.prompts_without_object),
         "inference": inference,
     }
     partial = path.with_suffix(".json.partial")

@@ -24,6 +24,7 @@ resumed run that retries failed tiles can merge them again.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -167,6 +168,8 @@ STAGED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("mask", pa.binary()),  # the box's pixels, row-major, np.packbits
+        ("prompt_id", pa.string()),  # Instance.prompt_id (null: matched with its neighbours' views by overlap)
+        ("attributes", pa.string()),  # Instance.attributes as JSON (null: none)
     ]
 )
 
@@ -183,7 +186,11 @@ def stage_instances(mosaic: Mosaic, tile: Tile, result: TileResult) -> None:
             (r0, r1), (c0, c1) = (np.flatnonzero(instance.mask.any(axis=a))[[0, -1]] for a in (1, 0))
             box = instance.mask[r0 : r1 + 1, c0 : c1 + 1]
             top, left = tile.read_window.row_off + int(r0), tile.read_window.col_off + int(c0)
-            rows.append((label, instance.score, instance.phrase, top, left, *box.shape, np.packbits(box).tobytes()))
+            packed = np.packbits(box).tobytes()
+            attributes = None if instance.attributes is None else json.dumps(instance.attributes, sort_keys=True)
+            rows.append(
+                (label, instance.score, instance.phrase, top, left, *box.shape, packed, instance.prompt_id, attributes)
+            )
     table = pa.Table.from_pylist([dict(zip(STAGED_SCHEMA.names, row)) for row in rows], schema=STAGED_SCHEMA)
     target = mosaic.staged_instances(tile.row, tile.col)
     target.parent.mkdir(parents=True, exist_ok=True)

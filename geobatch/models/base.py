@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from odc.geo.geobox import GeoBox
 
 from geobatch.errors import UnknownModel
 from geobatch.scenes import InputValues
@@ -22,6 +23,7 @@ MODELS: dict[str, str] = {
     "spectral": "geobatch.models.spectral:Spectral",
     "fixed-cost": "geobatch.models.synthetic:FixedCost",
     "synthetic-instances": "geobatch.models.synthetic:SyntheticInstances",
+    "sam": "geobatch.models.sam:SegmentAnything",
 }
 
 ObjectKind = Literal["components", "instances"]
@@ -44,6 +46,8 @@ class Instance:
     score: float
     phrase: str
     score_map: np.ndarray | None = None  # float32 per-pixel confidence, for pixel-wise models
+    prompt_id: str | None = None  # the vector feature that prompted it: views with one id are one object
+    attributes: Mapping[str, Any] | None = None  # JSON-ready facts for the catalog (model measures, feature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,7 @@ class TileInput:
     tile: Tile
     bands: Mapping[str, np.ndarray]
     valid: np.ndarray  # bool; invalid pixels must never be labelled
+    grid: GeoBox | None = None  # the read window's CRS, transform and shape, for models placing vector data
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,9 @@ class Segmenter(Protocol):
     the connected components of each label across the whole mosaic (``vectorize``). ``"instances"``: each
     instance is an object of its own; instances may overlap and touch, and the partial views of one
     instance on neighbouring tiles are matched and merged into one object (``instances``).
+    Backends prompted by vector features also provide ``prompt_ids`` (every feature's id) and
+    ``prompts_outside(grids) -> list[str]`` (those reaching none of the scenes' grids): the run reports
+    the features outside every scene and those inside that got no object.
     """
 
     name: str
