@@ -286,24 +286,13 @@ def _open_scenes(
     return scenes, failures
 
 
-# Workers give freed memory back to the system at once: glibc otherwise keeps the heap of a worker that
-# held a huge object while that worker idles. Dask's own workers set the same (distributed.nanny.pre-spawn-environ).
-_WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": "65536"}
-
-
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[None]:
     """Use the running Ray if there is one; otherwise start (or join, with ``address`` / RAY_ADDRESS) one."""
     if ray.is_initialized():
         yield
         return
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-        runtime_env={"env_vars": _WORKER_ENV},
-    )
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield
     finally:
