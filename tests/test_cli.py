@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from geobatch import catalog
 from geobatch.cli import EXIT_BAD_JOB, EXIT_FAILURES, app
+from geobatch.models.base import MODELS
 
 runner = CliRunner()
 
@@ -44,7 +45,7 @@ def test_invalid_field_exits_2_naming_the_field(tmp_path):
     [
         (
             {"model": "samm"},
-            "unknown model 'samm'; choose from ['fixed-cost', 'sam', 'spectral', 'synthetic-instances']",
+            f"unknown model 'samm'; choose from {sorted(MODELS)}",
         ),
         ({"prompts": ["buildings"]}, "prompt 'buildings' matches no class"),
     ],
