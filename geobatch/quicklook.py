@@ -70,13 +70,13 @@ def quicklook(
     path: str | Path,
     image_uri: str,
     mosaic: str | Path | None,
-    objects: gpd.GeoDataFrame | None,
+    outlines: gpd.GeoSeries | None,
     labels: list[str],
     size: int = 768,
     access: Access | None = None,
 ) -> Path:
-    """Write a PNG of the scene at ``image_uri`` with the mosaic's labels (tinted) and ``objects``
-    (outlined) over it. Without a mosaic the grid is the file's, shrunk to about ``size`` pixels. Imagery
+    """Write a PNG of the scene at ``image_uri`` with the mosaic's labels (tinted) and the objects'
+    ``outlines`` (lines) over it. Without a mosaic the grid is the file's, shrunk to about ``size`` pixels. Imagery
     that cannot be read (corrupt blocks) is drawn grey."""
     with (access or Access()).env(), rasterio.open(gdal_path(image_uri)) as src:
         if mosaic is not None:
@@ -100,8 +100,8 @@ def quicklook(
             where = label == index
             picture[where] = (0.45 * picture[where] + 0.55 * PALETTE[(index - 1) % len(PALETTE)]).astype(np.uint8)
         picture[label == 255] = (0.5 * picture[label == 255] + 0.5 * NODATA).astype(np.uint8)
-    if objects is not None and len(objects):
-        shapes = objects.geometry.to_crs(crs.to_wkt() if crs else None).boundary.to_numpy()
+    if outlines is not None and len(outlines):
+        shapes = outlines.to_crs(crs.to_wkt() if crs else None).to_numpy()
         shapes = [s for s in shapes if s is not None and not shapely.is_empty(s)]
         if shapes:
             edges = rasterize(((s, 1) for s in shapes), out_shape=shape, transform=transform, all_touched=True)
