@@ -9,6 +9,7 @@ structure, shapes and consistency, not quality.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import socket
@@ -119,6 +120,9 @@ def test_bin_shards_load_into_the_model_that_wrote_them(bin_checkpoint):
     model = loading.load_geopixel(files, device="cpu", dtype="float32")
     config = json.loads((bin_checkpoint / "config.json").read_text())
     assert _same_weights(model, build_tiny_model(config, seed=0))
+    halved = loading.load_geopixel(files, device="cpu", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in halved.parameters())
+    assert torch.equal(halved.output.weight, model.output.weight.to(torch.bfloat16))
 
 
 def test_convert_writes_safetensors_that_load_the_same_and_are_preferred(bin_checkpoint, tmp_path):
@@ -321,3 +325,19 @@ def test_a_job_runs_geopixel_through_the_pipeline_to_zarr_and_geoparquet(
     assert shown.sum() <= objects["pixels"].sum()
     tiles = gpd.read_parquet(summary.tables["tiles"])
     assert tiles["caption"].notna().all() and tiles["caption"].str.contains(r"\[SEG\]").all()
+
+
+def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_configuration(tmp_path, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "bench" / "geopixel_gpu.py"
+    spec = importlib.util.spec_from_file_location("geopixel_gpu", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    arguments = ["--tiny", "--batch", "1", "--batch", "2", "--tile", "64", "--tokens", "3", "--reencode-tokens", "2"]
+    monkeypatch.setattr("sys.argv", ["geopixel_gpu.py", *arguments, "--repeat", "1", "--out", str(out)])
+    bench.main()
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and [r["batch"] for r in report["results"]] == [1, 2]
+    for result in report["results"]:
+        assert result["prefill_s"] > 0 and result["mask_s"] > 0 and result["generated_tokens"] == 3
+        assert result["tile_s_reencoding"] > 0 and result["speedup_vs_published_batch1"] > 0

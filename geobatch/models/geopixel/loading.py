@@ -292,21 +292,32 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_geopixel(files: CheckpointFiles, *, device: str, dtype: str):
-    """The GeoPixel model of ``files``, built from its ``config.json`` on ``device`` in ``dtype``, weights loaded.
+    """The GeoPixel model of ``files``, built from its ``config.json`` on ``device`` in ``dtype``, weights loaded."""
+    from geobatch.models.geopixel.config import GeoPixelConfig
 
-    The model is built without random initialisation (every parameter is then filled from the checkpoint,
-    which :func:`load_weights` checks), directly on ``device``.
+    config = GeoPixelConfig.from_dict(read_config(files), source=str(files.config_path))
+    model = build_model(config, device=device, dtype=dtype)
+    report = load_weights(model, files)
+    log.info("GeoPixel loaded from %s: %d tensors, %d unused by design", files.directory, report.loaded, report.ignored)
+    return model.eval()
+
+
+def build_model(config, *, device: str, dtype: str):
+    """Our GeoPixel for ``config`` (a ``GeoPixelConfig``), built directly on ``device`` in ``dtype``.
+
+    Its parameters are *not* initialised (they hold whatever memory held): the caller fills every one,
+    from a checkpoint (:func:`load_weights` checks that) or with random values (``bench/``). Building in
+    the target dtype on the target device means a 7B model never passes through float32 or CPU memory.
     """
     import torch
     from transformers.initialization import no_init_weights
 
-    from geobatch.models.geopixel.config import GeoPixelConfig
     from geobatch.models.geopixel.engine import GeoPixel
 
-    config = GeoPixelConfig.from_dict(read_config(files), source=str(files.config_path))
-    with torch.device(device), no_init_weights():
-        model = GeoPixel(config)
-    model.to(dtype=getattr(torch, dtype))
-    report = load_weights(model, files)
-    log.info("GeoPixel loaded from %s: %d tensors, %d unused by design", files.directory, report.loaded, report.ignored)
-    return model.eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # no layer computes a persistent float32 buffer at build time
+    try:
+        with torch.device(device), no_init_weights():
+            return GeoPixel(config)
+    finally:
+        torch.set_default_dtype(default)
