@@ -223,8 +223,8 @@ class GeoPixel(nn.Module):
 
     def _rescaled(self, valid: torch.Tensor) -> bool:
         """Whether dynamic-NTK scaling is active for a row of this batch (its length exceeds the table)."""
-        config = self.config
-        return config.rope_scaling_type == "dynamic" and int(valid.sum(-1).max()) > config.max_position_embeddings
+        config = self.config  # the longest row has no padding: its length is the batch's width
+        return config.rope_scaling_type == "dynamic" and valid.shape[1] > config.max_position_embeddings
 
 
 def _answer(ids: Sequence[int], states: Sequence[torch.Tensor], like: torch.Tensor) -> Answer:
