@@ -7,6 +7,8 @@ positions, a given answer is grounded with one state per [SEG], and every parame
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,25 @@ def test_kv_cached_decoding_equals_reencoding(model: GeoPixel) -> None:
         assert fast.token_ids == slow.token_ids
         assert fast.seg_states.shape == slow.seg_states.shape
         torch.testing.assert_close(fast.seg_states, slow.seg_states, atol=1e-5, rtol=1e-4)
+
+
+def test_kv_cached_decoding_equals_reencoding_beyond_the_rope_table(model: GeoPixel) -> None:
+    # dynamic NTK rescales every position once a sequence outgrows max_position_embeddings: the cached path
+    # must then re-encode like the published code; here the first query crosses the limit while decoding
+    queries = _queries()
+    short = GeoPixel(replace(model.config, max_position_embeddings=36)).eval()
+    short.load_state_dict(model.state_dict())
+    prompt_length = 1 + model.image_tokens(70, 100) + 5
+    seg = _repeated_token(short.answer(queries[:1], max_new_tokens=10, stop_ids=set(), seg_token_id=-1)[0].token_ids)
+    cached = short.answer(queries, max_new_tokens=10, stop_ids=set(), seg_token_id=seg)
+    reencoded = short.answer(queries, max_new_tokens=10, stop_ids=set(), seg_token_id=seg, use_cache=False)
+    assert prompt_length < 36 < prompt_length + len(cached[0].token_ids)
+    assert cached[0].seg_states.shape[0] > 0
+    for fast, slow in zip(cached, reencoded, strict=True):
+        assert fast.token_ids == slow.token_ids
+        torch.testing.assert_close(fast.seg_states, slow.seg_states, atol=1e-5, rtol=1e-4)
+    unscaled = model.answer(queries[:1], max_new_tokens=10, stop_ids=set(), seg_token_id=seg, use_cache=False)[0]
+    assert not torch.allclose(unscaled.seg_states[-1], reencoded[0].seg_states[-1])  # the scaling did act
 
 
 def test_batch_equals_single_queries(model: GeoPixel) -> None:

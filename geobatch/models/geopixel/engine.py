@@ -10,10 +10,10 @@ the sequence the model read, i.e. the state of the step that *consumes* a ``[SEG
 takes them from the last re-encoding, which is the same thing). A ``[SEG]`` that is the very last token
 generated is never read and so has no state, as in the published code.
 
-Differences from the published inference, on purpose: prompts are never cut to 16 384 tokens (the
-published code silently drops the user prompt behind a large image); beyond ``max_position_embeddings``
-dynamic-NTK scaling rescales every position at every step, which only re-encoding reproduces exactly, so
-there the KV cache (whose keys keep the scale they were made with) drifts slightly from it.
+Beyond ``max_position_embeddings``, dynamic-NTK scaling rescales every position at every step, which a KV
+cache cannot follow; there decoding re-encodes, so both paths give the published result at any length.
+One difference from the published inference, on purpose: prompts are never cut to 16 384 tokens (the
+published code silently drops the user prompt behind a large image).
 """
 
 from __future__ import annotations
@@ -103,8 +103,7 @@ class GeoPixel(nn.Module):
                 answers[i] = answer
         if free:
             batch = self._batch([self._prompt(queries[i], images[i]) for i in free])
-            decode = self._generate_cached if use_cache else self._generate_reencoding
-            generated = decode(batch, max_new_tokens, frozenset(stop_ids), seg_token_id)
+            generated = self._generate(batch, max_new_tokens, frozenset(stop_ids), seg_token_id, use_cache)
             for i, answer in zip(free, generated, strict=True):
                 answers[i] = answer
         return answers  # type: ignore[return-value]  # every slot was filled above
@@ -181,59 +180,51 @@ class GeoPixel(nn.Module):
             results.append(Answer(token_ids=ids, seg_states=hidden[row, at]))
         return results
 
-    def _generate_cached(
-        self, batch: _Batch, max_new_tokens: int, stop_ids: frozenset[int], seg_token_id: int
+    def _generate(
+        self, batch: _Batch, max_new_tokens: int, stop_ids: frozenset[int], seg_token_id: int, use_cache: bool
     ) -> list[Answer]:
-        """Greedy decoding with a KV cache; a [SEG]'s state comes from the step that reads it."""
-        rows = batch.embeds.shape[0]
+        """Greedy decoding of a left-padded batch, with the KV cache or by re-encoding every step.
+
+        With the cache, a [SEG]'s state comes from the step that reads it. Once a row outgrows
+        ``max_position_embeddings`` under dynamic-NTK scaling, every position's rotation changes with the length,
+        which the cache cannot follow: from then on each step re-encodes the whole sequence, as the published
+        code always does, and a row's [SEG] states come from the pass that produced its last token.
+        """
+        rows, prompt_length = batch.embeds.shape[:2]
         tokens: list[list[int]] = [[] for _ in range(rows)]
         states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
         done = [max_new_tokens <= 0] * rows
-        cache = DynamicCache()
+        cache = DynamicCache() if use_cache else None
         embeds, image_mask, valid = batch.embeds, batch.image_mask, batch.valid
         while not all(done):
-            hidden = self.model(embeds, image_mask, valid, cache)
+            if cache is not None and self._rescaled(valid):
+                cache = None
+            if cache is None:
+                hidden = self.model(embeds, image_mask, valid)
+            else:
+                seen = cache.get_seq_length()
+                hidden = self.model(embeds[:, seen:], image_mask[:, seen:], valid, cache)
             next_ids = self._next_ids(hidden)
             for row in range(rows):
                 if done[row]:
                     continue
-                if tokens[row] and tokens[row][-1] == seg_token_id:
+                if cache is not None and tokens[row] and tokens[row][-1] == seg_token_id:
                     states[row].append(hidden[row, -1])
                 tokens[row].append(next_ids[row])
                 done[row] = next_ids[row] in stop_ids or len(tokens[row]) >= max_new_tokens
-            embeds = self._embed(next_ids)[:, None]
-            image_mask = image_mask.new_zeros(rows, 1)
-            valid = torch.cat([valid, valid.new_ones(rows, 1)], dim=1)
-        return [_answer(ids, found, batch.embeds) for ids, found in zip(tokens, states, strict=True)]
-
-    def _generate_reencoding(
-        self, batch: _Batch, max_new_tokens: int, stop_ids: frozenset[int], seg_token_id: int
-    ) -> list[Answer]:
-        """Greedy decoding that re-encodes the whole sequence per token, like the published code.
-
-        A row's [SEG] states come from the pass that produced its last token, over everything it read.
-        """
-        rows, prompt_length = batch.embeds.shape[:2]
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        answers: list[Answer | None] = [None] * rows
-        embeds, image_mask, valid = batch.embeds, batch.image_mask, batch.valid
-        if max_new_tokens <= 0:
-            return [_answer([], [], batch.embeds) for _ in range(rows)]
-        while any(answer is None for answer in answers):
-            hidden = self.model(embeds, image_mask, valid)
-            next_ids = self._next_ids(hidden)
-            for row in range(rows):
-                if answers[row] is not None:
-                    continue
-                tokens[row].append(next_ids[row])
-                if next_ids[row] in stop_ids or len(tokens[row]) >= max_new_tokens:
+                if done[row] and cache is None:
                     read = tokens[row][:-1]
                     at = [prompt_length + j for j, token in enumerate(read) if token == seg_token_id]
-                    answers[row] = _answer(tokens[row], list(hidden[row, at]), batch.embeds)
+                    states[row] = list(hidden[row, at])
             embeds = torch.cat([embeds, self._embed(next_ids)[:, None]], dim=1)
             image_mask = torch.cat([image_mask, image_mask.new_zeros(rows, 1)], dim=1)
             valid = torch.cat([valid, valid.new_ones(rows, 1)], dim=1)
-        return answers  # type: ignore[return-value]  # the loop ends when every row has its answer
+        return [_answer(ids, found, batch.embeds) for ids, found in zip(tokens, states, strict=True)]
+
+    def _rescaled(self, valid: torch.Tensor) -> bool:
+        """Whether dynamic-NTK scaling is active for a row of this batch (its length exceeds the table)."""
+        config = self.config  # the longest row has no padding: its length is the batch's width
+        return config.rope_scaling_type == "dynamic" and valid.shape[1] > config.max_position_embeddings
 
 
 def _answer(ids: Sequence[int], states: Sequence[torch.Tensor], like: torch.Tensor) -> Answer:

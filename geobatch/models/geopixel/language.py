@@ -26,10 +26,12 @@ class PartialLoRALinear(nn.Linear):
         self.Plora_B = nn.Linear(rank, out_features, bias=False)
         self.scaling = alpha / rank
 
-    def forward(self, x: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``image_rows``: indices of the image tokens in ``x`` flattened to [B*T, C]; None when there are none."""
         out = super().forward(x)
-        if image_mask is not None and bool(image_mask.any()):
-            out[image_mask] += self.Plora_B(self.Plora_A(x[image_mask])) * self.scaling
+        if image_rows is not None:
+            flat = x.reshape(-1, x.shape[-1]).index_select(0, image_rows)
+            out.view(-1, out.shape[-1]).index_add_(0, image_rows, self.Plora_B(self.Plora_A(flat)) * self.scaling)
         return out
 
 
@@ -60,10 +62,14 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
 
     def forward(
-        self, positions: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions`` [B, T] and each row's whole length ``lengths`` [B] -> cos, sin [B, T, head_dim]."""
-        inverse = torch.stack([self._inverse_frequencies(int(n), positions.device) for n in lengths.tolist()])
+        """``positions`` [B, T] of new tokens, ``valid`` [B, S] the real tokens so far -> cos, sin [B, T, head_dim]."""
+        if self.scaling_type == "dynamic" and valid.shape[1] > self.max_positions:  # some row may be rescaled
+            lengths = valid.sum(-1).tolist()
+        else:  # no row is longer than the table: one base for all (and no device sync)
+            lengths = [0] * valid.shape[0]
+        inverse = torch.stack([self._inverse_frequencies(int(n), positions.device) for n in lengths])
         steps = positions.float()
         if self.scaling_type == "linear":
             steps = steps / self.factor
@@ -90,14 +96,14 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        image_mask: torch.Tensor,
+        image_rows: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
         cache: DynamicCache | None,
         layer: int,
     ) -> torch.Tensor:
         batch, length, _ = hidden.shape
-        qkv = self.wqkv(hidden, image_mask).view(batch, length, self.num_kv_heads, self.groups + 2, self.head_dim)
+        qkv = self.wqkv(hidden, image_rows).view(batch, length, self.num_kv_heads, self.groups + 2, self.head_dim)
         query = qkv[..., : self.groups, :].reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         key = qkv[..., -2, :].transpose(1, 2)
         value = qkv[..., -1, :].transpose(1, 2)
@@ -105,7 +111,7 @@ class Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, layer)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, enable_gqa=self.groups > 1)
-        return self.wo(out.transpose(1, 2).reshape(batch, length, -1), image_mask)
+        return self.wo(out.transpose(1, 2).reshape(batch, length, -1), image_rows)
 
 
 class FeedForward(nn.Module):
@@ -118,8 +124,8 @@ class FeedForward(nn.Module):
         self.w3 = PartialLoRALinear(config.hidden_size, config.intermediate_size, **lora)
         self.w2 = PartialLoRALinear(config.intermediate_size, config.hidden_size, **lora)
 
-    def forward(self, x: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x, image_mask)) * self.w3(x, image_mask), image_mask)
+    def forward(self, x: torch.Tensor, image_rows: torch.Tensor | None) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x, image_rows)) * self.w3(x, image_rows), image_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -133,14 +139,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        image_mask: torch.Tensor,
+        image_rows: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
         cache: DynamicCache | None,
         layer: int,
     ) -> torch.Tensor:
-        hidden = hidden + self.attention(self.attention_norm(hidden), image_mask, rotary, attention_mask, cache, layer)
-        return hidden + self.feed_forward(self.ffn_norm(hidden), image_mask)
+        hidden = hidden + self.attention(self.attention_norm(hidden), image_rows, rotary, attention_mask, cache, layer)
+        return hidden + self.feed_forward(self.ffn_norm(hidden), image_rows)
 
 
 class InternLM2(nn.Module):
@@ -167,11 +173,13 @@ class InternLM2(nn.Module):
         """
         new = embeds.shape[1]
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
-        rotary = self.rotary(positions, valid.sum(-1), embeds.dtype)
+        rotary = self.rotary(positions, valid, embeds.dtype)
         attention_mask = causal_padding_mask(valid, new)
+        # Partial-LoRA rows, found once per pass rather than in each of the 5 x layers linear layers
+        image_rows = image_mask.flatten().nonzero().flatten() if bool(image_mask.any()) else None
         hidden = embeds
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, image_mask, rotary, attention_mask, cache, index)
+            hidden = layer(hidden, image_rows, rotary, attention_mask, cache, index)
         return self.norm(hidden)
 
 

@@ -135,10 +135,10 @@ class VisionEncoder(nn.Module):
         param = self.global_separator
         crops, grids = [], []
         for image in images:
-            pixels = hd_pixels(image, self.crop, self.hd_num)
+            pixels = hd_pixels(image, self.crop, self.hd_num).to(param.device)  # the bicubic view in float32
             grids.append((pixels.shape[1] // self.crop, pixels.shape[2] // self.crop))
             crops.append(crops_of(pixels, self.crop))
-        patches = self.clip(torch.cat(crops).to(param.device, param.dtype)).last_hidden_state[:, 1:]
+        patches = self.clip(torch.cat(crops).to(param.dtype)).last_hidden_state[:, 1:]
         merged = self._merge(patches)
         out, start = [], 0
         for rows, cols in grids:
