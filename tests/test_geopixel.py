@@ -186,6 +186,9 @@ def test_bin_files_are_never_unpickled_beyond_plain_tensors(bin_checkpoint, tmp_
     with pytest.raises(CheckpointError, match=f"{shard.name}: refused: not loadable as plain tensors"):
         loading.load_geopixel(loading.find_checkpoint(folder), device="cpu", dtype="float32")
     assert "unpickled" not in capsys.readouterr().out
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=f"{shard.name}: not a readable PyTorch weight file"):
+        loading.read_shard(shard)
 
 
 def test_a_folder_without_weights_names_what_is_missing(bin_checkpoint, tmp_path):

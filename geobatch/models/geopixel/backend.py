@@ -33,7 +33,12 @@ from geobatch.errors import UnsupportedPrompt
 from geobatch.models.base import Instance, Prompt, TileInput, TileResult
 from geobatch.models.geopixel import loading
 from geobatch.models.geopixel.config import GeoPixelConfig
-from geobatch.models.geopixel.tokenizer import CheckpointError, GeoPixelTokenizer, question_for
+from geobatch.models.geopixel.tokenizer import (
+    DESCRIPTION_QUESTION,
+    CheckpointError,
+    GeoPixelTokenizer,
+    question_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +77,9 @@ class GeoPixelSegmenter:
         max_tokens: int = OFFICIAL_MAX_TOKENS,
     ) -> None:
         if weights is None:
-            raise CheckpointError("model 'geopixel' needs 'weights': the folder of a GeoPixel checkpoint")
+            raise CheckpointError(
+                "model 'geopixel' needs 'model.weights': a GeoPixel checkpoint folder (docs/models.md)"
+            )
         self.files = loading.find_checkpoint(weights)
         self.tokenizer = GeoPixelTokenizer(self.files.directory)
         self.device = device or _default_device()
@@ -120,14 +127,17 @@ class GeoPixelSegmenter:
             for tile, found, caption in zip(tiles, instances, captions, strict=True)
         ]
 
-    def ground(self, tiles: Sequence[TileInput], answers: Sequence[str], label: str) -> list[list[Instance]]:
+    def ground(
+        self, tiles: Sequence[TileInput], answers: Sequence[str], label: str, question: str = DESCRIPTION_QUESTION
+    ) -> list[list[Instance]]:
         """Masks for answers the caller already has (e.g. existing descriptions), one per ``[SEG]`` in them.
 
-        No text is generated: each answer is read by the model after a grounded-description question, and
-        its ``[SEG]`` states give the masks (phrases from its ``<p> .. </p>``, else ``label``).
+        No text is generated: each answer is read by the model after ``question`` (by default the official
+        grounded-description question), and its ``[SEG]`` states give the masks (phrases from its
+        ``<p> .. </p>``, else ``label``).
         """
         images = [tile_image(tile) for tile in tiles]
-        chat = self.tokenizer.chat(question_for("Please describe this image with grounded masks.", "gcg"))
+        chat = self.tokenizer.chat(question)
         queries = [
             self._query(image, chat, answer=self.tokenizer.encode(text))
             for image, text in zip(images, answers, strict=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import struct
 from collections.abc import Iterator, Mapping
@@ -131,21 +132,31 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):  # a legacy (non-zip) file cannot be mapped: read it whole
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch weight file ({' '.join(str(exc).split())})"
-            ) from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - weights_only refusals raise pickle's UnpicklingError and others
+        state = _torch_load(path)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for anything but plain tensors
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(
             f"{path}: refused: not loadable as plain tensors with weights_only=True ({detail})"
         ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weight file ({' '.join(str(exc).split())[:300]})"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of names to tensors")
     return dict(state)
+
+
+def _torch_load(path: Path):
+    """``torch.load`` with ``weights_only``, memory-mapped (a legacy non-zip file cannot be: read whole)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def iter_tensors(files: CheckpointFiles) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:

@@ -30,8 +30,12 @@ SEG, PHRASE_START, PHRASE_END = "[SEG]", "<p>", "</p>"
 USER_START = "[UNUSED_TOKEN_146]user\n"
 TURN_END = "[UNUSED_TOKEN_145]\n"
 ASSISTANT_START = "[UNUSED_TOKEN_146]assistant\n"
-# GeoPixel-7B-RES was trained on referring questions of this form (the official inference guide's).
+# The questions of the official inference guide: GeoPixel-7B-RES's referring form, GeoPixel-7B's description.
 REFERRING_QUESTION = "Could you provide a segmentation mask for {expression} in this image?"
+DESCRIPTION_QUESTION = (
+    "Can you provide a thorough description of this image? "
+    "Please output with interleaved segmentation masks for the corresponding phrases."
+)
 
 
 class CheckpointError(GeobatchError, ValueError):
