@@ -98,7 +98,7 @@ class Attention(nn.Module):
         hidden: torch.Tensor,
         image_rows: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         cache: DynamicCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -110,7 +110,14 @@ class Attention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *rotary)
         if cache is not None:
             key, value = cache.update(key, value, layer)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, enable_gqa=self.groups > 1)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            is_causal=attention_mask is None and length > 1,  # see causal_padding_mask
+            enable_gqa=self.groups > 1,
+        )
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1), image_rows)
 
 
@@ -141,7 +148,7 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         image_rows: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         cache: DynamicCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -183,12 +190,16 @@ class InternLM2(nn.Module):
         return self.norm(hidden)
 
 
-def causal_padding_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
+def causal_padding_mask(valid: torch.Tensor, new: int) -> torch.Tensor | None:
     """Boolean [B, 1, new, S] mask: each new token sees the real tokens up to itself.
 
-    A padding query also sees itself, so that no softmax row is empty (its output is never used).
+    A padding query also sees itself, so that no softmax row is empty (its output is never used). None when
+    no row is padded and the new tokens are one step or the whole sequence: SDPA's causal flag (or no mask)
+    says the same without a [B, 1, S, S] tensor, and lets it pick its fastest kernel.
     """
     total = valid.shape[1]
+    if new in (1, total) and bool(valid.all()):
+        return None
     query_at = torch.arange(total - new, total, device=valid.device)[:, None]
     key_at = torch.arange(total, device=valid.device)[None, :]
     causal = key_at <= query_at
