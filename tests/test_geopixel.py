@@ -242,9 +242,11 @@ def test_a_batch_answers_every_prompt_with_masks_at_tile_resolution(steered_chec
                 assert not (instance.mask & ~tile.valid).any() and 0.0 <= instance.score <= 1.0
 
 
-def test_a_batch_of_n_tiles_equals_n_single_calls(bin_checkpoint):
-    model = GeoPixelSegmenter(bin_checkpoint, max_new_tokens=5)
-    tiles = [tile_input(i, seed=7) for i in range(3)]
+@pytest.mark.parametrize("checkpoint", ["bin_checkpoint", "steered_checkpoint"])
+def test_a_batch_of_n_tiles_equals_n_single_calls(checkpoint, request):
+    """Random weights: the answers' tokens must agree; steered ones: their masks and scores too."""
+    model = GeoPixelSegmenter(request.getfixturevalue(checkpoint), max_new_tokens=5)
+    tiles = [tile_input(i, seed=7) for i in range(2)] + [tile_input(2, height=50, width=90, seed=7)]
     batched = model.predict_batch(tiles, PROMPTS)
     for tile, together in zip(tiles, batched, strict=True):
         alone = model(tile, PROMPTS)
@@ -254,6 +256,8 @@ def test_a_batch_of_n_tiles_equals_n_single_calls(bin_checkpoint):
             for one, other in zip(alone.instances[label], together.instances[label], strict=True):
                 assert np.array_equal(one.mask, other.mask) and one.phrase == other.phrase
                 assert one.score == pytest.approx(other.score, abs=1e-5)
+    if checkpoint == "steered_checkpoint":
+        assert all(len(result.instances["pond"]) == 4 for result in batched)
 
 
 def test_a_given_answer_is_grounded_one_mask_per_seg_without_generation(steered_checkpoint):
@@ -281,6 +285,14 @@ def test_a_prompt_that_cannot_fit_beside_any_view_is_rejected_by_name(steered_ch
 
 
 # -- jobs and the pipeline -----------------------------------------------------------------------------
+
+
+def test_a_geopixel_job_with_a_bad_weights_folder_exits_2_naming_it(tmp_path):
+    job = write_job(tmp_path / "job.yaml", model={"name": "geopixel", "weights": "missing"})
+    result = CliRunner().invoke(app, ["run", str(job)])
+    assert result.exit_code == 2
+    assert f"GeoPixel weights folder {tmp_path / 'missing'} does not exist" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_job_weights_are_relative_to_the_job_file_and_given_once(tmp_path):
