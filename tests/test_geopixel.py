@@ -356,3 +356,14 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_configuration(tmp_path, mon
     for result in report["results"]:
         assert result["prefill_s"] > 0 and result["mask_s"] > 0 and result["generated_tokens"] == 3
         assert result["tile_s_reencoding"] > 0 and result["speedup_vs_published_batch1"] > 0
+
+
+def test_token_ids_equal_the_official_tokenizers():
+    """Reference ids made once by the official InternLM2 tokenizer (transformers 4.33.2) from the same files."""
+    folder = Path(__file__).parent / "data" / "geopixel_tokenizer"
+    official = json.loads((folder / "official_ids.json").read_text())
+    ours = GeoPixelTokenizer(folder)
+    assert [ours.bos_id] == official["bos"]
+    assert {"[SEG]": ours.seg_id, "<p>": ours.phrase_start_id, "</p>": ours.phrase_end_id} == official["added"]
+    for case in official["encodings"]:
+        assert ours.encode(case["text"]) == case["ids"], case["text"]
