@@ -8,8 +8,8 @@ and adds ``[SEG]``, ``<p>`` and ``</p>`` from ``added_tokens.json``. What that d
   (``<s>``, ``</s>``, ``<unk>``, ``additional_special_tokens``); whitespace on both sides of each cut is
   dropped (4.33's default for tokens added as plain strings), so ``"</p> [SEG]"`` is two ids, no space.
 * Each piece of text between cuts is encoded by SentencePiece on its own, so the model's own settings
-  apply (``add_dummy_prefix``, byte fallback, and the chat markers such as ``[UNUSED_TOKEN_146]``, which
-  InternLM2 keeps whole as user-defined pieces).
+  apply (``add_dummy_prefix``, byte fallback, and whether chat markers such as ``[UNUSED_TOKEN_146]`` are
+  pieces kept whole: user-defined pieces are; the tiny test tokenizer defines them so).
 
 The ids equal the official tokenizer's (transformers 4.33.2) on reference texts: chat markers, phrases,
 spaces around added tokens, non-ASCII text, ``<s>`` in text (``tests/data/geopixel_tokenizer``).
