@@ -102,11 +102,12 @@ class GeoPixelSegmenter:
 
     def predict_batch(self, tiles: Sequence[TileInput], prompts: Sequence[Prompt]) -> list[TileResult]:
         """Every prompt on every tile, all queries of the batch decoded together."""
+        if not tiles:
+            return []
         images = [tile_image(tile) for tile in tiles]
+        chats = {p.label: self.tokenizer.chat(question_for(p.text, p.kind)) for p in prompts}
         asked = [_Asked(t, p) for t in range(len(tiles)) for p in prompts]
-        queries = [
-            self._query(images[a.tile], self.tokenizer.chat(question_for(a.prompt.text, a.prompt.kind))) for a in asked
-        ]
+        queries = [self._query(images[a.tile], chats[a.prompt.label]) for a in asked]
         answers = self.engine.answer(
             queries,
             max_new_tokens=self.max_new_tokens,
@@ -136,6 +137,8 @@ class GeoPixelSegmenter:
         grounded-description question), and its ``[SEG]`` states give the masks (phrases from its
         ``<p> .. </p>``, else ``label``).
         """
+        if not tiles:
+            return []
         images = [tile_image(tile) for tile in tiles]
         chat = self.tokenizer.chat(question)
         queries = [
@@ -163,8 +166,10 @@ class GeoPixelSegmenter:
     def _query(self, image: np.ndarray, chat, answer: Sequence[int] | None = None):
         from geobatch.models.geopixel.engine import Query
 
-        prompt_tokens = len(chat.before_image) + len(chat.after_image) + (len(answer) if answer else 0)
-        view = self._fitting_view(image, self.max_tokens - prompt_tokens - self.max_new_tokens)
+        answer_tokens = len(answer) if answer is not None else self.max_new_tokens  # given, or at most generated
+        view = self._fitting_view(
+            image, self.max_tokens - len(chat.before_image) - len(chat.after_image) - answer_tokens
+        )
         return Query(view, chat.before_image, chat.after_image, tuple(answer) if answer is not None else None)
 
     def _fitting_view(self, image: np.ndarray, available: int) -> np.ndarray:
