@@ -35,6 +35,7 @@ from transformers.models.sam2.configuration_sam2 import (
 )
 from transformers.models.sam2.modeling_sam2 import (
     Sam2FeedForward,
+    Sam2LayerNorm,
     Sam2MaskDecoder,
     Sam2PositionalEmbedding,
     Sam2VisionModel,
@@ -254,7 +255,21 @@ class GroundingHead(nn.Module):
         self.positional_embedding = Sam2PositionalEmbedding(config.prompt_config())
         self.no_mask_embed = nn.Embedding(1, config.d_model)
         self.mask_decoder = Sam2MaskDecoder(config.decoder_config())
+        self._match_sam2_rounding(self.mask_decoder)
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, config.d_model))
+
+    @staticmethod
+    def _match_sam2_rounding(decoder: Sam2MaskDecoder) -> None:
+        """Two changes that keep transformers' decoder on SAM2's rounding in bfloat16 (no effect in float32).
+
+        The upscaling layer norm is computed op by op as SAM2's LayerNorm2d (see _ChannelsFirstLayerNorm).
+        The hypernetwork and IoU MLPs get token slices that are not contiguous; F.linear then multiplies and
+        adds the bias as two bfloat16 roundings, where SAM2's 2-D inputs take one fused addmm.
+        """
+        norm = decoder.upscale_layer_norm
+        decoder.upscale_layer_norm = _ChannelsFirstLayerNorm(norm.normalized_shape, eps=norm.eps)
+        for mlp in (*decoder.output_hypernetworks_mlps, decoder.iou_prediction_head):
+            mlp.register_forward_pre_hook(_contiguous_inputs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -287,17 +302,43 @@ class GroundingHead(nn.Module):
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> ImageFeatures:
         """Encode [B, 3, S, S] pixels: the bfloat16-rounded image embedding and the high-resolution features."""
-        levels = self.image_encoder(pixels.to(self.dtype)).fpn_hidden_states  # fine to coarse
-        finest, middle, coarsest = levels
+        with self._autocast():
+            return self._image_features(pixels.to(self.dtype))
+
+    def _image_features(self, pixels: torch.Tensor) -> ImageFeatures:
+        finest, middle, coarsest = self._feature_pyramid(pixels)
         # GeoPixel adds no_mem_embed to the coarsest level only (SAM2's "directly add" for a frame without
         # memory) and hands the decoder a bfloat16 embedding whatever the model's dtype.
         embed = (coarsest + self.no_mem_embed.view(1, -1, 1, 1)).to(torch.bfloat16).to(self.dtype)
-        high_res = (self.mask_decoder.conv_s0(finest), self.mask_decoder.conv_s1(middle))
+        high_res = (self.mask_decoder.conv_s0(finest.to(self.dtype)), self.mask_decoder.conv_s1(middle.to(self.dtype)))
         return ImageFeatures(image_embed=embed, high_res=high_res)
+
+    def _feature_pyramid(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The FPN levels SAM2 keeps (all but the ``scalp`` coarsest), fine to coarse, [B, d_model, h, w].
+
+        Written here rather than calling transformers' Sam2VisionNeck, whose parameters it uses: that neck
+        casts each top-down sum back to the model's dtype, while SAM2 adds the float32 upsampled coarser
+        level to the lateral features and keeps the sum in float32. In bfloat16 the embedding would then be
+        rounded twice instead of once (1 bf16 ulp apart from GeoPixel's). The neck's unused sine position
+        encodings are skipped as well.
+        """
+        stages = self.image_encoder.backbone(pixels).intermediate_hidden_states  # fine to coarse, [B, h, w, C]
+        neck = self.image_encoder.neck
+        last = len(stages) - 1
+        levels: list[torch.Tensor] = []
+        coarser = None
+        for index in range(last, -1, -1):
+            lateral = neck.convs[last - index](stages[index].permute(0, 3, 1, 2))
+            if index in neck.fpn_top_down_levels and coarser is not None:
+                lateral = lateral + F.interpolate(coarser.float(), scale_factor=2.0, mode="nearest")
+            coarser = lateral
+            levels.insert(0, lateral)
+        return levels[: self.config.stages_kept]
 
     def prompt_embeddings(self, seg_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden] [SEG] states -> [n, d_model] sparse prompt embeddings."""
-        return self.text_hidden_fcs(seg_states.to(self.dtype))
+        with self._autocast():
+            return self.text_hidden_fcs(seg_states.to(self.dtype))
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """[1, d_model, s, s]: the prompt encoder's random-Fourier encoding of the embedding grid's centres.
@@ -353,17 +394,26 @@ class GroundingHead(nn.Module):
         embed = features.image_embed[owner]
         side = embed.shape[-1]
         dense = self.no_mask_embed.weight.view(1, -1, 1, 1).expand(count, -1, side, side)
-        positional = self.dense_positional_encoding().to(self.dtype).expand(count, -1, -1, -1)
         high_res = [level[owner] for level in features.high_res]
-        low_res, iou, _, _ = self.mask_decoder(
-            image_embeddings=embed,
-            image_positional_embeddings=positional,
-            sparse_prompt_embeddings=prompts[:, None, None, :],  # [N, 1 prompt, 1 token, C]
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-            high_resolution_features=high_res,
-        )
+        with self._autocast():
+            positional = self.dense_positional_encoding().to(self.dtype).expand(count, -1, -1, -1)
+            low_res, iou, _, _ = self.mask_decoder(
+                image_embeddings=embed,
+                image_positional_embeddings=positional,
+                sparse_prompt_embeddings=prompts[:, None, None, :],  # [N, 1 prompt, 1 token, C]
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+                high_resolution_features=high_res,
+            )
         return low_res[:, 0, 0], iou[:, 0, 0]
+
+    def _autocast(self) -> torch.autocast:
+        """bfloat16 autocast when the head is bfloat16, as GeoPixel runs SAM2 (chat.py wraps inference in it).
+
+        Convolutions and matmuls then run in bfloat16 while layer norms (and the residual sums after them in
+        the decoder) stay float32; a plain bfloat16 run rounds those too and drifts from GeoPixel's masks.
+        """
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
     def _empty(self, size: tuple[int, int]) -> MaskPrediction:
         return MaskPrediction(
@@ -378,6 +428,27 @@ class GroundingHead(nn.Module):
             if isinstance(module, Sam2FeedForward)
         }
         return {name: _official_name(name, feed_forward_layers) for name in self.state_dict()}
+
+
+class _ChannelsFirstLayerNorm(Sam2LayerNorm):
+    """Layer norm over the channels of [B, C, H, W], computed step by step as SAM2's LayerNorm2d does.
+
+    Same parameters as transformers' Sam2LayerNorm, but F.layer_norm is one fused op: under bfloat16
+    autocast its precision differs from SAM2's separate mean/variance/scale ops, and the decoder's upscaling
+    (hence every mask boundary) then drifts from GeoPixel's by a bf16 ulp here and there.
+    """
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float) -> None:
+        super().__init__(normalized_shape, eps=eps, data_format="channels_first")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features - features.mean(1, keepdim=True)
+        normalised = centred / torch.sqrt(centred.pow(2).mean(1, keepdim=True) + self.eps)
+        return self.weight[:, None, None] * normalised + self.bias[:, None, None]
+
+
+def _contiguous_inputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(tensor.contiguous() for tensor in inputs)
 
 
 # transformers' SAM2 names -> official SAM2 names, applied in order to a name under model.visual_model.
