@@ -371,3 +371,9 @@ def test_token_ids_equal_the_official_tokenizers():
     assert {"[SEG]": ours.seg_id, "<p>": ours.phrase_start_id, "</p>": ours.phrase_end_id} == official["added"]
     for case in official["encodings"]:
         assert ours.encode(case["text"]) == case["ids"], case["text"]
+
+
+def test_the_geopixel_job_template_loads_and_names_its_weights():
+    spec = load_job(Path(__file__).resolve().parents[1] / "jobs" / "geopixel.yaml")
+    assert spec.model.name == "geopixel" and spec.model.backend_options["weights"] == "/models/GeoPixel-7B"
+    assert [p.kind for p in spec.prompts] == ["gcg", "referring"] and spec.tiling.overlap > 0
