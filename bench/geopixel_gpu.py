@@ -40,8 +40,9 @@ from geobatch.models.geopixel.config import GeoPixelConfig
 from geobatch.models.geopixel.engine import Answer, GeoPixel, Query
 from geobatch.models.geopixel.loading import build_model
 
-# InternLM-XComposer-2.5-7B's language model as published (GeoPixel adds [SEG], <p>, </p> to the vocabulary);
-# CLIP ViT-L/14 at 560 px and SAM2 Hiera-L are GeoPixelConfig's defaults.
+# InternLM-XComposer-2.5-7B's language-model sizes (GeoPixel adds [SEG], <p>, </p> to its 92 544 pieces); the
+# position and RoPE settings do not change the cost of a ~4.4k-token sequence. CLIP ViT-L/14 at 560 px and
+# SAM2 Hiera-L are GeoPixelConfig's defaults. A real config.json can be given instead with --config.
 FULL_SIZE = {
     "vocab_size": 92547,
     "hidden_size": 4096,
@@ -165,6 +166,9 @@ def measure(model: GeoPixel, device: str, args: argparse.Namespace, batch: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy configuration on the CPU (smoke run)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="a checkpoint's config.json instead of the sizes here"
+    )
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     parser.add_argument("--batch", type=int, action="append", help="tiles per call; repeat for several (default 1)")
     parser.add_argument("--tile", type=int, default=1024, help="tile side in pixels")
@@ -177,7 +181,8 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device or ("cpu" if args.tiny else "cuda")
     dtype = "float32" if device == "cpu" else "bfloat16"
-    config = GeoPixelConfig.from_dict(TINY if args.tiny else FULL_SIZE, source="bench")
+    sizes = json.loads(args.config.read_text()) if args.config else TINY if args.tiny else FULL_SIZE
+    config = GeoPixelConfig.from_dict(sizes, source=str(args.config or "bench"))
     started = time.perf_counter()
     model = random_model(config, device, dtype)
     built = time.perf_counter() - started
