@@ -93,6 +93,8 @@ class GeoPixel(nn.Module):
         use_cache: bool = True,
     ) -> list[Answer]:
         """Greedy answers (or grounded given answers) for a batch of queries, in order."""
+        if not queries:
+            return []
         images = self.vision([query.image for query in queries])
         answers: list[Answer | None] = [None] * len(queries)
         given = [i for i, query in enumerate(queries) if query.answer is not None]
@@ -111,6 +113,8 @@ class GeoPixel(nn.Module):
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray], answers: Sequence[Answer]) -> list[MaskPrediction]:
         """One mask per [SEG] state of each answer, at its image's size."""
+        if not images:
+            return []
         features = self.grounding.image_features(self.grounding.preprocess(images))
         sizes = [(image.shape[0], image.shape[1]) for image in images]
         return self.grounding.masks(features, [answer.seg_states for answer in answers], sizes)
