@@ -40,8 +40,8 @@ class Query:
     """One image and its prompt, as token ids around the image; ``answer`` to ground a given answer."""
 
     image: np.ndarray  # HxWx3 uint8 RGB
-    before_image: Sequence[int]  # e.g. BOS + "[UNUSED_TOKEN_146]user\n"
-    after_image: Sequence[int]  # the query + "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
+    before_image: Sequence[int]  # the published template puts the image right after BOS: [BOS]
+    after_image: Sequence[int]  # "[UNUSED_TOKEN_146]user\n{query}[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
     answer: Sequence[int] | None = None  # teacher-forced answer to ground (no generation)
 
     def __post_init__(self) -> None:
