@@ -199,15 +199,20 @@ class GeoPixel(nn.Module):
         states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
         done = [max_new_tokens <= 0] * rows
         cache = DynamicCache() if use_cache else None
-        embeds, image_mask, valid = batch.embeds, batch.image_mask, batch.valid
+        fed: list[list[int]] = []  # the ids fed back after the prompt, one list (all rows) per step
+        valid = batch.valid
         while not all(done):
             if cache is not None and self._rescaled(valid):
                 cache = None
-            if cache is None:
+            if cache is None:  # the whole sequence; only then are the fed-back embeddings put together
+                ids = torch.tensor(fed, dtype=torch.long, device=valid.device).reshape(len(fed), rows).T
+                embeds = torch.cat([batch.embeds, self.model.tok_embeddings(ids)], dim=1)
+                image_mask = torch.cat([batch.image_mask, batch.image_mask.new_zeros(rows, len(fed))], dim=1)
                 hidden = self.model(embeds, image_mask, valid)
+            elif not fed:
+                hidden = self.model(batch.embeds, batch.image_mask, valid, cache)
             else:
-                seen = cache.get_seq_length()
-                hidden = self.model(embeds[:, seen:], image_mask[:, seen:], valid, cache)
+                hidden = self.model(self._embed(fed[-1])[:, None], batch.image_mask.new_zeros(rows, 1), valid, cache)
             next_ids = self._next_ids(hidden)
             for row in range(rows):
                 if done[row]:
@@ -220,8 +225,7 @@ class GeoPixel(nn.Module):
                     read = tokens[row][:-1]
                     at = [prompt_length + j for j, token in enumerate(read) if token == seg_token_id]
                     states[row] = list(hidden[row, at])
-            embeds = torch.cat([embeds, self._embed(next_ids)[:, None]], dim=1)
-            image_mask = torch.cat([image_mask, image_mask.new_zeros(rows, 1)], dim=1)
+            fed.append(next_ids)
             valid = torch.cat([valid, valid.new_ones(rows, 1)], dim=1)
         return [_answer(ids, found, batch.embeds) for ids, found in zip(tokens, states, strict=True)]
 
