@@ -173,6 +173,7 @@ def test_segment_gives_one_mask_per_seg_state(model: GeoPixel) -> None:
     for query, answer, prediction in zip(queries, answers, predictions, strict=True):
         assert prediction.masks.shape == (answer.seg_states.shape[0], *query.image.shape[:2])
     assert predictions[0].masks.shape[0] > 0
+    assert model.segment([], []) == [] and model.answer([], max_new_tokens=3, stop_ids=set(), seg_token_id=seg) == []
 
 
 def test_checkpoint_names_cover_every_tensor_once(model: GeoPixel) -> None:

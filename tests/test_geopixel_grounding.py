@@ -31,7 +31,7 @@ SAM2 = "model.visual_model."
 
 def tiny_head(seed: int = 0) -> GroundingHead:
     torch.manual_seed(seed)
-    head = GroundingHead(GroundingConfig.from_dict(TINY), HIDDEN).eval()
+    head = GroundingHead(GroundingConfig.from_dict(TINY), HIDDEN)  # eval mode by construction
     with torch.no_grad():  # spread every tensor (transformers initialises some to zeros or ones)
         for parameter in head.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.2)

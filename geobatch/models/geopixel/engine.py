@@ -40,8 +40,8 @@ class Query:
     """One image and its prompt, as token ids around the image; ``answer`` to ground a given answer."""
 
     image: np.ndarray  # HxWx3 uint8 RGB
-    before_image: Sequence[int]  # e.g. BOS + "[UNUSED_TOKEN_146]user\n"
-    after_image: Sequence[int]  # the query + "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
+    before_image: Sequence[int]  # the published template puts the image right after BOS: [BOS]
+    after_image: Sequence[int]  # "[UNUSED_TOKEN_146]user\n{query}[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
     answer: Sequence[int] | None = None  # teacher-forced answer to ground (no generation)
 
     def __post_init__(self) -> None:
@@ -93,6 +93,8 @@ class GeoPixel(nn.Module):
         use_cache: bool = True,
     ) -> list[Answer]:
         """Greedy answers (or grounded given answers) for a batch of queries, in order."""
+        if not queries:
+            return []
         images = self.vision([query.image for query in queries])
         answers: list[Answer | None] = [None] * len(queries)
         given = [i for i, query in enumerate(queries) if query.answer is not None]
@@ -111,6 +113,8 @@ class GeoPixel(nn.Module):
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray], answers: Sequence[Answer]) -> list[MaskPrediction]:
         """One mask per [SEG] state of each answer, at its image's size."""
+        if not images:
+            return []
         features = self.grounding.image_features(self.grounding.preprocess(images))
         sizes = [(image.shape[0], image.shape[1]) for image in images]
         return self.grounding.masks(features, [answer.seg_states for answer in answers], sizes)
@@ -195,15 +199,20 @@ class GeoPixel(nn.Module):
         states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
         done = [max_new_tokens <= 0] * rows
         cache = DynamicCache() if use_cache else None
-        embeds, image_mask, valid = batch.embeds, batch.image_mask, batch.valid
+        fed: list[list[int]] = []  # the ids fed back after the prompt, one list (all rows) per step
+        valid = batch.valid
         while not all(done):
             if cache is not None and self._rescaled(valid):
                 cache = None
-            if cache is None:
+            if cache is None:  # the whole sequence; only then are the fed-back embeddings put together
+                ids = torch.tensor(fed, dtype=torch.long, device=valid.device).reshape(len(fed), rows).T
+                embeds = torch.cat([batch.embeds, self.model.tok_embeddings(ids)], dim=1)
+                image_mask = torch.cat([batch.image_mask, batch.image_mask.new_zeros(rows, len(fed))], dim=1)
                 hidden = self.model(embeds, image_mask, valid)
+            elif not fed:
+                hidden = self.model(batch.embeds, batch.image_mask, valid, cache)
             else:
-                seen = cache.get_seq_length()
-                hidden = self.model(embeds[:, seen:], image_mask[:, seen:], valid, cache)
+                hidden = self.model(self._embed(fed[-1])[:, None], batch.image_mask.new_zeros(rows, 1), valid, cache)
             next_ids = self._next_ids(hidden)
             for row in range(rows):
                 if done[row]:
@@ -216,8 +225,7 @@ class GeoPixel(nn.Module):
                     read = tokens[row][:-1]
                     at = [prompt_length + j for j, token in enumerate(read) if token == seg_token_id]
                     states[row] = list(hidden[row, at])
-            embeds = torch.cat([embeds, self._embed(next_ids)[:, None]], dim=1)
-            image_mask = torch.cat([image_mask, image_mask.new_zeros(rows, 1)], dim=1)
+            fed.append(next_ids)
             valid = torch.cat([valid, valid.new_ones(rows, 1)], dim=1)
         return [_answer(ids, found, batch.embeds) for ids, found in zip(tokens, states, strict=True)]
 

@@ -12,8 +12,12 @@ the decoder in eval mode keeps its single-mask output unless it is unstable, in 
 of its three multimask outputs. Low-resolution logits are resized bilinearly to the image's size; pixels
 with logits above 0 are the mask.
 
-Cost: the encoder runs once per image (Hiera-L on 1024², ~0.2 TFLOP); the decoder runs once per [SEG] state,
-and each state holds a copy of its image's embedding and high-resolution features while it is decoded.
+Numerics follow the official code (model/geopixel.py and its SAM2 copy) rather than transformers' SAM2
+where the two round differently; each such place says why. In float32 every tensor matches the official
+code bit for bit on a tiny random configuration.
+
+Cost: the encoder runs once per image and dominates; the decoder runs once per [SEG] state, and each state
+holds a copy of its image's embedding and high-resolution features while it is decoded.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class GroundingConfig:
     # Hiera trunk
     embed_dim: int = 144
     num_heads: int = 2
-    stages: tuple[int, ...] = (2, 6, 36, 4)
+    stages: tuple[int, ...] = (2, 6, 36, 4)  # blocks per stage; channels and heads double at each stage
     global_att_blocks: tuple[int, ...] = (23, 33, 43)
     window_spec: tuple[int, ...] = (8, 4, 16, 8)
     window_pos_embed_bkg_spatial_size: tuple[int, int] = (7, 7)
@@ -222,8 +226,8 @@ class MaskPrediction:
 class GroundingHead(nn.Module):
     """SAM2 + ``text_hidden_fcs``: images and [SEG] hidden states in, one mask per [SEG] state out.
 
-    Inference only, in eval mode (the decoder's fallback to a stable multimask output is off in train mode).
-    Runs in the dtype of its parameters: bfloat16 on GPU, float32 on CPU.
+    Inference only: built in eval mode, which the decoder's fallback to a stable multimask output needs.
+    Runs in the dtype of its parameters (bfloat16 on GPU, float32 on CPU); see ``_autocast``.
     """
 
     # Official keys (under model.visual_model.) that GeoPixel's single-image path never reads: SAM2's video
@@ -257,6 +261,7 @@ class GroundingHead(nn.Module):
         self.mask_decoder = Sam2MaskDecoder(config.decoder_config())
         self._match_sam2_rounding(self.mask_decoder)
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, config.d_model))
+        self.eval()
 
     @staticmethod
     def _match_sam2_rounding(decoder: Sam2MaskDecoder) -> None:
@@ -410,8 +415,9 @@ class GroundingHead(nn.Module):
     def _autocast(self) -> torch.autocast:
         """bfloat16 autocast when the head is bfloat16, as GeoPixel runs SAM2 (chat.py wraps inference in it).
 
-        Convolutions and matmuls then run in bfloat16 while layer norms (and the residual sums after them in
-        the decoder) stay float32; a plain bfloat16 run rounds those too and drifts from GeoPixel's masks.
+        Matmuls and convolutions run in bfloat16 either way, but autocast keeps the ops on its float32 list
+        (on CUDA: layer norms, pow, softmax, ...) and the sums that follow them in float32, as GeoPixel's
+        masks were made; a plain bfloat16 run would round those too.
         """
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 

@@ -81,8 +81,8 @@ def hd_pixels(image: np.ndarray, crop: int, hd_num: int) -> torch.Tensor:
     padded = np.full((layout.rows * crop, layout.cols * crop, 3), WHITE, dtype=np.uint8)
     padded[: resized.shape[0], : resized.shape[1]] = resized
     pixels = torch.from_numpy(padded).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     return (pixels - mean) / std
 
 
