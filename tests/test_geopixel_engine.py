@@ -114,12 +114,19 @@ def test_kv_cached_decoding_equals_reencoding_beyond_the_rope_table(model: GeoPi
     assert not torch.allclose(unscaled.seg_states[-1], reencoded[0].seg_states[-1])  # the scaling did act
 
 
-def test_batch_equals_single_queries(model: GeoPixel) -> None:
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batch_equals_single_queries(model: GeoPixel, use_cache: bool) -> None:
     queries = _queries()
-    seg = _repeated_token(model.answer(queries[1:2], max_new_tokens=8, stop_ids={STOP}, seg_token_id=-1)[0].token_ids)
-    batch = model.answer(queries, max_new_tokens=8, stop_ids={STOP}, seg_token_id=seg)
+    probes = model.answer(queries, max_new_tokens=10, stop_ids=set(), seg_token_id=-1)
+    seg = _repeated_token(probes[1].token_ids)
+    # a stop id that ends one row early while others go on: finished rows leave the batch
+    early = next(t for t in probes[2].token_ids[2:6] if t != seg and t not in probes[1].token_ids)
+    stops = {STOP, early}
+    batch = model.answer(queries, max_new_tokens=10, stop_ids=stops, seg_token_id=seg, use_cache=use_cache)
+    assert len({len(answer.token_ids) for answer in batch}) > 1
+    assert batch[1].seg_states.shape[0] > 0
     for query, together in zip(queries, batch, strict=True):
-        alone = model.answer([query], max_new_tokens=8, stop_ids={STOP}, seg_token_id=seg)[0]
+        alone = model.answer([query], max_new_tokens=10, stop_ids=stops, seg_token_id=seg, use_cache=use_cache)[0]
         assert together.token_ids == alone.token_ids
         torch.testing.assert_close(together.seg_states, alone.seg_states, atol=1e-5, rtol=1e-4)
 

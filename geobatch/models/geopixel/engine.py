@@ -195,44 +195,51 @@ class GeoPixel(nn.Module):
         code always does, and a row's [SEG] states come from the pass that produced its last token.
         """
         rows, prompt_length = batch.embeds.shape[:2]
+        lengths = batch.valid.sum(-1).tolist()  # each row's real prompt length
         tokens: list[list[int]] = [[] for _ in range(rows)]
         states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-        done = [max_new_tokens <= 0] * rows
+        live = list(range(rows)) if max_new_tokens > 0 else []  # the rows still decoding, in batch order
         cache = DynamicCache() if use_cache else None
-        fed: list[list[int]] = []  # the ids fed back after the prompt, one list (all rows) per step
-        valid = batch.valid
-        while not all(done):
-            if cache is not None and self._rescaled(valid):
+        prompt, prompt_mask, valid = batch.embeds, batch.image_mask, batch.valid
+        while live:
+            steps = len(tokens[live[0]])  # every live row has as many tokens
+            if cache is not None and self._rescaled(max(lengths[row] for row in live) + steps):
                 cache = None
-            if cache is None:  # the whole sequence; only then are the fed-back embeddings put together
-                ids = torch.tensor(fed, dtype=torch.long, device=valid.device).reshape(len(fed), rows).T
-                embeds = torch.cat([batch.embeds, self.model.tok_embeddings(ids)], dim=1)
-                image_mask = torch.cat([batch.image_mask, batch.image_mask.new_zeros(rows, len(fed))], dim=1)
+            if cache is None:  # the whole sequence: prompt and every token fed back
+                ids = torch.tensor([tokens[row] for row in live], dtype=torch.long, device=valid.device)
+                embeds = torch.cat([prompt, self.model.tok_embeddings(ids.reshape(len(live), steps))], dim=1)
+                image_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(len(live), steps)], dim=1)
                 hidden = self.model(embeds, image_mask, valid)
-            elif not fed:
-                hidden = self.model(batch.embeds, batch.image_mask, valid, cache)
+            elif steps == 0:
+                hidden = self.model(prompt, prompt_mask, valid, cache)
             else:
-                hidden = self.model(self._embed(fed[-1])[:, None], batch.image_mask.new_zeros(rows, 1), valid, cache)
+                last = self._embed([tokens[row][-1] for row in live])[:, None]
+                hidden = self.model(last, prompt_mask.new_zeros(len(live), 1), valid, cache)
             next_ids = self._next_ids(hidden)
-            for row in range(rows):
-                if done[row]:
-                    continue
+            keep = []
+            for i, row in enumerate(live):
                 if cache is not None and tokens[row] and tokens[row][-1] == seg_token_id:
-                    states[row].append(hidden[row, -1])
-                tokens[row].append(next_ids[row])
-                done[row] = next_ids[row] in stop_ids or len(tokens[row]) >= max_new_tokens
-                if done[row] and cache is None:
+                    states[row].append(hidden[i, -1])
+                tokens[row].append(next_ids[i])
+                if next_ids[i] not in stop_ids and len(tokens[row]) < max_new_tokens:
+                    keep.append(i)
+                elif cache is None:
                     read = tokens[row][:-1]
                     at = [prompt_length + j for j, token in enumerate(read) if token == seg_token_id]
-                    states[row] = list(hidden[row, at])
-            fed.append(next_ids)
-            valid = torch.cat([valid, valid.new_ones(rows, 1)], dim=1)
+                    states[row] = list(hidden[i, at])
+            valid = torch.cat([valid, valid.new_ones(len(live), 1)], dim=1)
+            if len(keep) < len(live):  # finished rows leave the batch (and their keys and values the cache)
+                index = torch.tensor(keep, dtype=torch.long, device=valid.device)
+                if cache is not None and keep:
+                    cache.batch_select_indices(index)
+                prompt, prompt_mask, valid = prompt[index], prompt_mask[index], valid[index]
+                live = [live[i] for i in keep]
         return [_answer(ids, found, batch.embeds) for ids, found in zip(tokens, states, strict=True)]
 
-    def _rescaled(self, valid: torch.Tensor) -> bool:
-        """Whether dynamic-NTK scaling is active for a row of this batch (its length exceeds the table)."""
-        config = self.config  # the longest row has no padding: its length is the batch's width
-        return config.rope_scaling_type == "dynamic" and valid.shape[1] > config.max_position_embeddings
+    def _rescaled(self, length: int) -> bool:
+        """Whether dynamic-NTK scaling acts on a sequence of ``length`` tokens (it outgrows the table)."""
+        config = self.config
+        return config.rope_scaling_type == "dynamic" and length > config.max_position_embeddings
 
 
 def _answer(ids: Sequence[int], states: Sequence[torch.Tensor], like: torch.Tensor) -> Answer:
