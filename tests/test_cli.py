@@ -42,7 +42,10 @@ def test_invalid_field_exits_2_naming_the_field(tmp_path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"model": "samm"}, "unknown model 'samm'; choose from ['fixed-cost', 'geopixel', 'spectral', 'synthetic-instances']"),
+        (
+            {"model": "samm"},
+            "unknown model 'samm'; choose from ['fixed-cost', 'geopixel', 'spectral', 'synthetic-instances']",
+        ),
         ({"prompts": ["buildings"]}, "prompt 'buildings' matches no class"),
     ],
 )
