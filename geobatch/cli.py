@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib
 import logging
 import sys
 from collections import Counter
@@ -325,11 +326,39 @@ def compact(
     print(f"compacted into {len(written)} file(s)")
 
 
-@app.command()
-def models() -> None:
-    """List the model backends this installation knows."""
+models_app = typer.Typer(help="Model backends: list them, convert weights.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(
+    context: typer.Context,
+    weights: Annotated[
+        Path | None, typer.Option(help="A weights folder to check for the backends that take one.")
+    ] = None,
+) -> None:
+    """List the model backends this installation knows, and whether their weights are present."""
+    if context.invoked_subcommand is not None:
+        return
     for name, target in sorted(MODELS.items()):
-        print(f"{name}\t{target}")
+        describe = getattr(importlib.import_module(target.split(":")[0]), "describe_weights", None)
+        print(f"{name}\t{target}\t{describe(weights) if describe else 'no weights needed'}")
+
+
+@models_app.command("convert")
+def convert(
+    source: Annotated[Path, typer.Argument(help="A checkpoint folder (official .bin shards or safetensors).")],
+    target: Annotated[Path, typer.Argument(help="Folder to write safetensors shards into (may be SOURCE).")],
+) -> None:
+    """Write a GeoPixel checkpoint's weights as safetensors once, so later loads are fast and unpickle nothing."""
+    from geobatch.models.geopixel.loading import convert as convert_checkpoint
+    from geobatch.models.geopixel.loading import summarize
+
+    try:
+        written = convert_checkpoint(source, target)
+    except GeobatchError as exc:
+        raise _fail(str(exc)) from None
+    print(f"{written.directory}: {summarize(written.directory).describe()}")
 
 
 def main() -> None:

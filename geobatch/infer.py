@@ -87,7 +87,7 @@ class TileWorker:
     """Owns one model and one scene reader; Ray runs it as a threaded actor (two batches at a time)."""
 
     def __init__(self, model: ModelSpec, prompts: Sequence[Prompt], bands: Sequence[str], access: Access) -> None:
-        self.model = load_model(model.name, model.options)
+        self.model = load_model(model.name, model.backend_options)
         self.prompts = tuple(prompts)
         self.bands = tuple(bands)
         self.access = access

@@ -98,10 +98,22 @@ class PromptSpec(_Frozen):
 
 
 class ModelSpec(_Frozen):
-    """Which backend to run (a name from the model registry) and its options."""
+    """Which backend to run (a name from the model registry), its weights folder if it takes one, and options."""
 
     name: str = Field(min_length=1)
+    weights: Path | None = None  # a local folder (relative to the job file); given to the backend as 'weights'
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _weights_once(self) -> ModelSpec:
+        if self.weights is not None and "weights" in self.options:
+            raise ValueError("give the weights folder as 'weights' or as 'options.weights', not both")
+        return self
+
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """The keyword arguments the backend is made with: ``options``, plus ``weights`` when set."""
+        return {**self.options, "weights": str(self.weights)} if self.weights is not None else dict(self.options)
 
 
 class TilingSpec(_Frozen):
@@ -271,6 +283,9 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         for key, value in spec.model.options.items()
     }
     model = spec.model.model_copy(update={"options": options})
+    if model.weights is not None:
+        weights = model.weights.expanduser()
+        model = model.model_copy(update={"weights": weights if weights.is_absolute() else (base / weights).resolve()})
     return spec.model_copy(update={"scenes": scenes, "output": output.resolve(), "model": model})
 
 

@@ -117,7 +117,7 @@ def run_job(
     """
     started = time.perf_counter()
     prompts = [Prompt(p.text, p.kind, p.label) for p in spec.prompts]
-    model = load_model(spec.model.name, spec.model.options)
+    model = load_model(spec.model.name, spec.model.backend_options)
     if (
         objects_of(model) == "instances" and spec.tiling.overlap == 0
     ):  # views of one instance are matched on the overlap

@@ -160,6 +160,19 @@ def test_a_checkpoint_that_is_not_laid_out_as_the_official_one_is_refused_naming
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_models_command_says_whether_a_checkpoint_loads(checkpoint, tmp_path):
+    def sam_line(*arguments: str) -> str:
+        listed = CliRunner().invoke(app, ["models", *arguments])
+        assert listed.exit_code == 0
+        return next(row for row in listed.output.splitlines() if row.startswith("sam\t"))
+
+    assert sam_line("--weights", str(checkpoint)).endswith(f"present: {checkpoint.name} ({TINY.name})")
+    assert "needs weights" in sam_line()
+    assert "missing: no sam_vit_*.pth" in sam_line("--weights", str(tmp_path))
+    (tmp_path / "sam_vit_b_broken.pth").write_bytes(b"not a checkpoint")
+    assert "cannot be read safely" in sam_line("--weights", str(tmp_path))
+
+
 def test_everything_returns_filtered_non_overlapping_instances_with_their_measures(checkpoint, scene_file):
     model = load_model("sam", {"checkpoint": str(checkpoint), **EVERYTHING, "box_nms_thresh": 0.5})
     tile = tile_inputs(scene_file)[0]

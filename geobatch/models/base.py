@@ -24,6 +24,7 @@ MODELS: dict[str, str] = {
     "fixed-cost": "geobatch.models.synthetic:FixedCost",
     "synthetic-instances": "geobatch.models.synthetic:SyntheticInstances",
     "sam": "geobatch.models.sam:SegmentAnything",
+    "geopixel": "geobatch.models.geopixel.backend:GeoPixelSegmenter",
 }
 
 ObjectKind = Literal["components", "instances"]
@@ -100,10 +101,14 @@ def objects_of(model: Segmenter) -> ObjectKind:
     return getattr(model, "objects", "components")
 
 
-def load_model(name: str, options: Mapping[str, Any] | None = None) -> Segmenter:
-    """Instantiate the backend registered as ``name`` with ``options``; imports it on first use."""
+def backend_class(name: str) -> type:
+    """The backend class registered as ``name``, imported on first use."""
     if name not in MODELS:
         raise UnknownModel(f"unknown model '{name}'; choose from {sorted(MODELS)}")
     module_name, class_name = MODELS[name].split(":")
-    backend = getattr(importlib.import_module(module_name), class_name)
-    return backend(**dict(options or {}))
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_model(name: str, options: Mapping[str, Any] | None = None) -> Segmenter:
+    """Instantiate the backend registered as ``name`` with ``options``."""
+    return backend_class(name)(**dict(options or {}))

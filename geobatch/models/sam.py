@@ -268,3 +268,19 @@ def _measures(stability) -> dict[str, float]:
 def _prompted_instance(prompt: PlacedPrompt, mask: np.ndarray, score: float, phrase: str, stability) -> Instance:
     attributes = {**_measures(stability), "feature": dict(prompt.feature.properties)}
     return Instance(mask, score, phrase, prompt_id=prompt.feature.id, attributes=attributes)
+
+
+def describe_weights(weights: str | Path | None) -> str:
+    """One line for ``geobatch models``: whether ``weights`` (a checkpoint, or a folder of them) loads."""
+    from geobatch.models.sam_checkpoint import CheckpointError, load_sam
+
+    if weights is None:
+        return "needs weights: model: {name: sam, options: {checkpoint: FILE.pth}} (check one with --weights FILE)"
+    path = Path(weights)
+    files = sorted(path.glob("sam_vit_*.pth")) if path.is_dir() else [path]
+    if not files:
+        return f"missing: no sam_vit_*.pth in {path}"
+    try:
+        return "present: " + ", ".join(f"{f.name} ({load_sam(f)[1].name})" for f in files)
+    except CheckpointError as exc:
+        return f"missing: {exc}"
