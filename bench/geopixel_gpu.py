@@ -2,7 +2,7 @@
 
     python bench/geopixel_gpu.py                    # full size (InternLM-XComposer-2.5-7B + CLIP-L + SAM2-L) on cuda
     python bench/geopixel_gpu.py --batch 1 --batch 8
-    python bench/geopixel_gpu.py --tiny             # the same code on a toy configuration, on the CPU (a smoke run)
+    python bench/geopixel_gpu.py --config toy/config.json --device cpu  # smoke run of a toy configuration
 
 The model is built directly on the device in bfloat16 (float32 on the CPU) with random weights: speed does
 not depend on the values, and no 22 GB download is needed. The prompt is BOS, the tile (4 081 image tokens
@@ -54,41 +54,6 @@ FULL_SIZE = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 1000000,
     "rope_scaling": {"type": "dynamic", "factor": 2.0},
-}
-# A toy configuration of the same architecture, for a smoke run on the CPU.
-TINY = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-    "rope_scaling": {"type": "dynamic", "factor": 2.0},
-    "plora_rank": 8,
-    "plora_alpha": 8,
-    "vision_config": {
-        "image_size": 56,
-        "patch_size": 14,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    },
-    "sam2_config": {
-        "image_size": 64,
-        "embed_dim": 8,
-        "num_heads": 1,
-        "stages": [1, 1, 1, 1],
-        "global_att_blocks": [0],
-        "window_spec": [4, 2, 2, 1],
-        "window_pos_embed_bkg_spatial_size": [2, 2],
-        "d_model": 16,
-        "decoder_mlp_dim": 32,
-        "decoder_num_heads": 2,
-        "iou_head_hidden_dim": 16,
-        "mask_in_chans": 4,
-    },
 }
 
 
@@ -165,11 +130,10 @@ def measure(model: GeoPixel, device: str, args: argparse.Namespace, batch: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="toy configuration on the CPU (smoke run)")
     parser.add_argument(
         "--config", type=Path, default=None, help="a checkpoint's config.json instead of the sizes here"
     )
-    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke run of a toy --config")
     parser.add_argument("--batch", type=int, action="append", help="tiles per call; repeat for several (default 1)")
     parser.add_argument("--tile", type=int, default=1024, help="tile side in pixels")
     parser.add_argument("--tokens", type=int, default=300, help="generated tokens per tile")
@@ -179,9 +143,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing; the fastest counts")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    device = args.device or ("cpu" if args.tiny else "cuda")
+    device = args.device
     dtype = "float32" if device == "cpu" else "bfloat16"
-    sizes = json.loads(args.config.read_text()) if args.config else TINY if args.tiny else FULL_SIZE
+    sizes = json.loads(args.config.read_text()) if args.config else FULL_SIZE
     config = GeoPixelConfig.from_dict(sizes, source=str(args.config or "bench"))
     started = time.perf_counter()
     model = random_model(config, device, dtype)

@@ -21,7 +21,7 @@ import pytest
 import rasterio
 import torch
 from conftest import NAIP_2010, open_mosaic, write_job
-from geopixel_checkpoint import build_tiny_model, official_state, write_checkpoint, write_weights
+from geopixel_checkpoint import build_tiny_model, official_state, tiny_config, write_checkpoint, write_weights
 from rasterio.windows import Window
 from typer.testing import CliRunner
 
@@ -351,8 +351,10 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_configuration(tmp_path, mon
     spec = importlib.util.spec_from_file_location("geopixel_gpu", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "bench.json"
-    arguments = ["--tiny", "--batch", "1", "--batch", "2", "--tile", "64", "--tokens", "3", "--reencode-tokens", "2"]
+    out, config = tmp_path / "bench.json", tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(vocab_size=512)))
+    arguments = ["--config", str(config), "--device", "cpu", "--batch", "1", "--batch", "2", "--tile", "64"]
+    arguments += ["--tokens", "3", "--reencode-tokens", "2"]
     monkeypatch.setattr("sys.argv", ["geopixel_gpu.py", *arguments, "--repeat", "1", "--out", str(out)])
     bench.main()
     report = json.loads(out.read_text())
