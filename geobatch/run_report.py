@@ -136,20 +136,21 @@ def _outlines(files: list[Path], pixel: float) -> gpd.GeoSeries:
     shows them). They are chosen from the small ``bbox`` and ``area_m2`` columns; only the chosen
     geometries are decoded, and their boundaries simplified to half a pixel as lines (simplifying
     polygons of thousands of holes as polygons repairs each result: 23 s for 20 000 of them)."""
-    candidates = [_visible(path, pixel) for path in files]
+    parquets = [pq.ParquetFile(path) for path in files]
+    candidates = [_visible(parquet, pixel) for parquet in parquets]
     found = pd.concat(candidates, keys=range(len(files)), names=["file", None]).reset_index(level="file")
     chosen = found.nlargest(MAX_OUTLINES, "area_m2", keep="first")
     outlines = []
     for (file, group), rows in chosen.groupby(["file", "group"]):
-        wkb = pq.ParquetFile(files[file]).read_row_group(group, columns=["geometry"]).column("geometry")
+        wkb = parquets[file].read_row_group(group, columns=["geometry"]).column("geometry")
         shapes = shapely.from_wkb(wkb.take(rows["row"].to_numpy()).to_numpy(zero_copy_only=False))
         outlines.append(shapely.simplify(shapely.boundary(shapes), pixel / 2, preserve_topology=False))
     return gpd.GeoSeries(np.concatenate(outlines) if outlines else [], crs=4326)
 
 
-def _visible(path: Path, pixel: float) -> pd.DataFrame:
+def _visible(parquet: pq.ParquetFile, pixel: float) -> pd.DataFrame:
     """Row group, row and area of the objects of one file at least ``pixel`` wide or tall."""
-    parquet, found = pq.ParquetFile(path), []
+    found = []
     for group in range(parquet.num_row_groups):
         table = parquet.read_row_group(group, columns=["area_m2", "bbox"])
         box = table.column("bbox").combine_chunks()

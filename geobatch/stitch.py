@@ -228,8 +228,12 @@ def declare_overviews(mosaic: Mosaic) -> list[int]:
     base = xr.open_zarr(mosaic.path, decode_coords="all", consolidated=False)
     factors = overview_factors(mosaic)
     for factor in factors:
-        shape = tuple(-(-n // factor) for n in mosaic.shape)
-        dataset = _declare(shape, mosaic.chunk, base.rio.transform() @ Affine.scale(factor), base.rio.crs.to_wkt())
+        dataset = _declare(
+            _level_shape(mosaic, factor),
+            mosaic.chunk,
+            base.rio.transform() @ Affine.scale(factor),
+            base.rio.crs.to_wkt(),
+        )
         for name in _ARRAYS:
             dataset[name].attrs.update(base[name].attrs)
         dataset.to_zarr(
@@ -241,6 +245,12 @@ def declare_overviews(mosaic: Mosaic) -> list[int]:
         "resampling": OVERVIEW_RESAMPLING,
     }
     return factors
+
+
+def _level_shape(mosaic: Mosaic, factor: int) -> tuple[int, int]:
+    """The shape of overview level ``factor`` (a partial block at the right or bottom counts whole)."""
+    height, width = mosaic.shape
+    return -(-height // factor), -(-width // factor)
 
 
 def coarsen(label: np.ndarray, score: np.ndarray, instance: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -272,8 +282,8 @@ def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
     Runs on the current Dask scheduler; a task reads 2 x 2 chunks of the finer level and writes one chunk.
     """
     for factor in factors:
-        shape = tuple(-(-n // factor) for n in mosaic.shape)
-        keys = [(i, j) for i in range(-(-shape[0] // mosaic.chunk)) for j in range(-(-shape[1] // mosaic.chunk))]
+        height, width = _level_shape(mosaic, factor)
+        keys = [(i, j) for i in range(-(-height // mosaic.chunk)) for j in range(-(-width // mosaic.chunk))]
         dask.compute(*[dask.delayed(_overview_chunk)(mosaic, factor, key) for key in keys])
 
 

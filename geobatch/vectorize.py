@@ -10,9 +10,9 @@ and the driver never holds pixels or more than one chunk's polygons:
 2. on the driver: border components that touch across a seam with the same label are joined into
    objects (a sparse graph's connected components over the border strips: no pixels, no polygons);
 3. per 2 x 2 chunks (the source of one chunk of overview level 2, written there too): the ``instance``
-   array is written, and the boundary runs of each chunk's border objects are extracted with the neighbours' ids around the chunk, so an object gets no edge along a seam it
-   crosses. Objects within the chunk are polygonised there; the runs of objects that cross a seam are
-   staged in buckets;
+   array is written, and the boundary runs of each chunk's border objects are extracted with the
+   neighbours' ids around the chunk, so an object gets no edge along a seam it crosses. Objects within
+   the chunk are polygonised there; the runs of objects that cross a seam are staged in buckets;
 4. per bucket of seam-crossing objects: the runs of each, gathered from every chunk it touches, are
    linked into rings (:mod:`geobatch.polygonize`) and their rows staged.
 
