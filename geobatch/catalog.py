@@ -39,7 +39,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyproj
 import shapely
-from geopandas.io.arrow import _geopandas_to_arrow  # the Arrow table to_parquet writes, batch by batch
 
 if TYPE_CHECKING:
     import duckdb
@@ -70,10 +69,30 @@ def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, row_group_size: 
 
 
 def geoparquet_table(frame: gpd.GeoDataFrame) -> pa.Table:
-    """``frame`` as GeoParquet rows in Arrow (EPSG:4326 WKB ``geometry``, ``bbox`` struct), Hilbert-sorted."""
-    frame = _finite(frame.to_crs(4326))
-    table = _geopandas_to_arrow(frame.iloc[_spatial_order(frame)], index=False, write_covering_bbox=True)
-    return table.replace_schema_metadata()  # the file's own geo metadata is written at close
+    """``frame`` as GeoParquet rows in Arrow (see :func:`geoparquet_rows`)."""
+    frame = frame.to_crs(4326)
+    columns = pa.Table.from_pandas(pd.DataFrame(frame.drop(columns=frame.geometry.name)), preserve_index=False)
+    return geoparquet_rows(columns, frame.geometry.to_numpy())
+
+
+def geoparquet_rows(columns: pa.Table, geometries: np.ndarray) -> pa.Table:
+    """Rows with their EPSG:4326 shapely ``geometries`` as GeoParquet rows in Arrow: a WKB ``geometry`` and a
+    ``bbox`` struct column appended, rows Hilbert-sorted by their geometries' centres.
+
+    Geometries that do not map into EPSG:4326 (e.g. corners off a geostationary disk) become missing.
+    """
+    bounds = shapely.bounds(geometries)
+    located = np.isfinite(bounds).all(axis=1)  # missing and empty geometries have NaN bounds too
+    unmapped = ~located & ~(shapely.is_missing(geometries) | shapely.is_empty(geometries))
+    if unmapped.any():
+        log.warning("%d geometries do not map to longitude/latitude; stored without geometry", unmapped.sum())
+        geometries = np.where(unmapped, None, geometries)
+    order = _spatial_order(geometries)
+    located, bounds = located[order], bounds[order]
+    boxes = [pa.array(bounds[:, i], mask=~located) for i in range(4)]
+    bbox = pa.StructArray.from_arrays(boxes, names=["xmin", "ymin", "xmax", "ymax"], mask=pa.array(~located))
+    wkb = pa.array(shapely.to_wkb(geometries[order]), pa.binary())
+    return columns.take(order).append_column("geometry", wkb).append_column("bbox", bbox).replace_schema_metadata()
 
 
 class GeoParquetStream:
@@ -415,7 +434,7 @@ class Catalog:
             if len(small) < 2:
                 continue
             merged = gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in small], ignore_index=True), crs=4326)
-            merged = merged.iloc[_spatial_order(merged)]
+            merged = merged.iloc[_spatial_order(merged.geometry.to_numpy())]
             targets = [
                 write_geoparquet(merged.iloc[i : i + rows_per_file], folder / f"compact_{i // rows_per_file}.tmp")
                 for i in range(0, len(merged), rows_per_file)
@@ -559,22 +578,12 @@ def _month(value: dt.datetime | None) -> str | None:
     return f"{value:%Y-%m}" if value else None
 
 
-def _finite(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Geometries that do not map into EPSG:4326 (e.g. corners off a geostationary disk) become missing."""
-    finite = np.isfinite(shapely.bounds(frame.geometry.to_numpy())).all(axis=1) | frame.geometry.isna().to_numpy()
-    if finite.all():
-        return frame
-    log.warning("%d geometries do not map to longitude/latitude; stored without geometry", (~finite).sum())
-    return frame.set_geometry(frame.geometry.where(finite, None))
-
-
-def _spatial_order(frame: gpd.GeoDataFrame) -> np.ndarray:
+def _spatial_order(geometries: np.ndarray) -> np.ndarray:
     """Row order along a Hilbert curve over the geometries' centres; rows without geometry go last."""
-    has_geometry = ~(frame.geometry.isna() | frame.geometry.is_empty).to_numpy()
-    key = np.full(len(frame), np.iinfo(np.int64).max)
-    if has_geometry.any():
-        located = frame[has_geometry]
-        key[has_geometry] = located.hilbert_distance(total_bounds=located.total_bounds)
+    located = np.isfinite(shapely.bounds(geometries)).all(axis=1)
+    key = np.full(len(geometries), np.iinfo(np.int64).max)
+    if located.any():
+        key[located] = gpd.GeoSeries(geometries[located]).hilbert_distance()
     return np.argsort(key, kind="stable")
 
 

@@ -14,7 +14,7 @@ polygon is the same however its runs were cut.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -86,8 +86,12 @@ def _runs_of(edge: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
     return ids[first], rows[first].astype(np.int64), cols[first].astype(np.int64), length.astype(np.int64)
 
 
-def polygons(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
-    """Each region's id and its geometry (a Polygon, or a MultiPolygon for a region in several parts)."""
+def polygons(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each region's id and its geometry (a Polygon, or a MultiPolygon for a region in several parts).
+
+    ``transform`` takes an (n, 2) array of pixel-corner coordinates to the coordinates wanted (e.g. longitude
+    and latitude); applied to the coordinate arrays, it costs much less than transforming the polygons.
+    """
     if not len(runs):
         return np.zeros(0, np.int64), np.zeros(0, dtype=object)
     ring_ids, x, y, counts = _rings(runs)
@@ -95,14 +99,15 @@ def polygons(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
     twice_area = np.add.reduceat(x * _ring_next(y, starts, counts) - _ring_next(x, starts, counts) * y, starts)
     exterior = twice_area > 0  # clockwise on screen (y down)
     order = np.lexsort((~exterior, ring_ids))  # by region, its exterior ring(s) first
-    coords, ring_offsets = _closed_rings(x, y, starts, counts, order)
+    pixel_coords, ring_offsets = _closed_rings(x, y, starts, counts, order)
+    coords = pixel_coords if transform is None else transform(pixel_coords)
     exterior, ring_ids = exterior[order], ring_ids[order]
     if np.count_nonzero(exterior) == len(np.unique(ring_ids)):  # one part each: holes follow their shell
         polygon_offsets = np.append(np.flatnonzero(exterior), len(order))
         shapes = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, polygon_offsets))
         return ring_ids[exterior], shapes
-    rings = np.split(coords, ring_offsets[1:-1])
-    return _multipart(ring_ids, exterior, rings)
+    split = ring_offsets[1:-1]
+    return _multipart(ring_ids, exterior, np.split(pixel_coords, split), np.split(coords, split))
 
 
 def _rings(runs: Runs) -> tuple[np.ndarray, ...]:
@@ -211,16 +216,17 @@ def _closed_rings(x, y, starts, counts, order) -> tuple[np.ndarray, np.ndarray]:
     return np.column_stack((x[index], y[index])).astype(np.float64), offsets
 
 
-def _multipart(ids: np.ndarray, exterior: np.ndarray, rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Regions with several parts: each hole goes to the smallest shell of its region that contains it."""
+def _multipart(ids: np.ndarray, exterior: np.ndarray, pixel_rings: list[np.ndarray], rings: list[np.ndarray]):
+    """Regions with several parts: each hole goes to the smallest shell of its region that contains it
+    (found in pixel coordinates; the polygons are made of ``rings``, the same rings transformed)."""
     regions, geometries = np.unique(ids), []
     for region in regions:
         members = np.flatnonzero(ids == region)
-        shells = [rings[i] for i in members if exterior[i]]
+        shells = [i for i in members if exterior[i]]
         holes_of: list[list[np.ndarray]] = [[] for _ in shells]
-        for hole in (rings[i] for i in members if not exterior[i]):
-            holes_of[_owner(hole, shells)].append(hole)
-        parts = [shapely.Polygon(shell, holes) for shell, holes in zip(shells, holes_of)]
+        for hole in (i for i in members if not exterior[i]):
+            holes_of[_owner(pixel_rings[hole], [pixel_rings[i] for i in shells])].append(rings[hole])
+        parts = [shapely.Polygon(rings[shell], holes) for shell, holes in zip(shells, holes_of)]
         geometries.append(parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts))
     return regions, np.asarray(geometries, dtype=object)
 

@@ -257,13 +257,18 @@ def coarsen(label: np.ndarray, score: np.ndarray, instance: np.ndarray) -> tuple
     """A block of a level on a grid twice as coarse (a partial 2 x 2 block at the right or bottom counts whole)."""
     rows, cols = score.shape
     padded = np.pad(score, ((0, rows % 2), (0, cols % 2)), constant_values=np.nan)
-    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
-    valid = ~np.isnan(blocks)
-    count = valid.sum(axis=(1, 3))
-    total = np.where(valid, blocks, 0).sum(axis=(1, 3), dtype=np.float32)
+    valid = ~np.isnan(padded)
+    np.putmask(padded, ~valid, 0)  # padded is a copy; np.nan_to_num is several times slower
+    total, count = _block_sums(padded), _block_sums(valid.view(np.uint8))
     with np.errstate(invalid="ignore", divide="ignore"):  # an all-nodata block is NaN
         mean = (total / count).astype(np.float32)
     return label[::2, ::2], mean, instance[::2, ::2]
+
+
+def _block_sums(values: np.ndarray) -> np.ndarray:
+    """Sums over 2 x 2 blocks, as two pairwise sums of strided views (a 4-d reduction is several times slower)."""
+    columns = values[:, 0::2] + values[:, 1::2]
+    return columns[0::2] + columns[1::2]
 
 
 def write_overview_chunk(

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
-import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -56,7 +55,6 @@ _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area 
 _CROSSING_PER_BUCKET = 512  # seam-crossing objects traced by one task (memory: their runs, ~100 B per run)
 
 ChunkKey = tuple[int, int]
-_WGS84 = pyproj.CRS.from_epsg(4326)  # parsed once: geopandas would parse '4326' for every chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +76,14 @@ class Georeference:
         laea = f"+proj=laea +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m"
         return cls(scene.geobox.affine, scene.geobox.crs.wkt, laea)
 
+    def lonlat(self, xy: np.ndarray) -> np.ndarray:
+        """Scene pixel coordinates (an n x 2 array of column, row) in EPSG:4326 (longitude, latitude)."""
+        transformer = _transformer(self.crs_wkt, "EPSG:4326")
+        return np.column_stack(transformer.transform(*(self.affine @ (xy[:, 0], xy[:, 1]))))
+
     def to_lonlat(self, pixel_geometries: np.ndarray) -> np.ndarray:
         """Geometries in scene pixel coordinates, in EPSG:4326 (longitude, latitude)."""
-        transformer = _transformer(self.crs_wkt, "EPSG:4326")
-        return shapely.transform(pixel_geometries, lambda xy: np.column_stack(transformer.transform(*self._crs(xy))))
+        return shapely.transform(pixel_geometries, self.lonlat)
 
     def pixel_areas(self, rows: slice, cols: slice) -> np.ndarray:
         """Each pixel's ground area in m², over a window of the scene grid."""
@@ -94,9 +96,6 @@ class Georeference:
         shoelace = sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4))
         sampled = np.abs(shoelace / 2).reshape(row.shape)
         return _interpolation(rows, sample_rows) @ sampled @ _interpolation(cols, sample_cols).T
-
-    def _crs(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.affine @ (xy[:, 0], xy[:, 1])
 
 
 @functools.lru_cache(maxsize=16)
@@ -284,7 +283,7 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> Bord
     border = components.border_ids()
     inner = np.arange(n, dtype=np.int32)
     inner[border] = 0
-    ids, shapes = polygons(boundary_runs(np.pad(inner[components.local], 1), (where[0].start, where[1].start)))
+    ids, shapes = _polygons(plan, boundary_runs(np.pad(inner[components.local], 1), (where[0].start, where[1].start)))
     at = ids - 1
     rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
     pq.write_table(rows, plan.staging / f"{key[0]}_{key[1]}.inner.parquet")
@@ -296,24 +295,28 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> Bord
     )  # fmt: skip
 
 
-def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, pixel_geometries) -> pa.Table:
-    """Catalog rows of whole objects (Arrow, Hilbert-sorted): ids from first pixels, polygons in longitude/latitude."""
+def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, geometries) -> pa.Table:
+    """Catalog rows of whole objects (Arrow, Hilbert-sorted): ids from first pixels, ``geometries`` in
+    longitude/latitude (see :func:`_polygons`)."""
     rows, cols = np.divmod(first, plan.width)
     labels = np.asarray(plan.labels, dtype=object)[np.asarray(codes, np.int64) - 1]
-    frame = gpd.GeoDataFrame(
+    columns = pa.table(
         {
-            "object_id": pd.array(
-                [f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], "string"
+            "object_id": pa.array(
+                [f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], pa.string()
             ),
-            "label": pd.array(labels, dtype="string"),
+            "label": pa.array(labels, pa.string()),
             "score": (np.asarray(score_sums) / np.maximum(pixels, 1)).astype(np.float32),
             "pixels": np.asarray(pixels, np.int64),
             "area_m2": np.asarray(areas, np.float64),
-        },
-        geometry=plan.georeference.to_lonlat(np.asarray(pixel_geometries, dtype=object)),
-        crs=_WGS84,
+        }
     )
-    return catalog.geoparquet_table(frame)
+    return catalog.geoparquet_rows(columns, geometries)
+
+
+def _polygons(plan: MosaicPlan, runs: Runs) -> tuple[np.ndarray, np.ndarray]:
+    """The objects' ids and polygons, in longitude/latitude, from their boundary runs."""
+    return polygons(runs, plan.georeference.lonlat)
 
 
 def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
@@ -444,7 +447,7 @@ def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray, buckets: int)
     runs = boundary_runs(padded, (work.where[0].start, work.where[1].start))
     objects = work.objects
     crossing = objects.crossing[np.searchsorted(objects.ids, runs.ids)]
-    ids, shapes = polygons(runs.select(~crossing))
+    ids, shapes = _polygons(plan, runs.select(~crossing))
     key = work.key
     pq.write_table(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.parquet")
     across = runs.select(crossing)
@@ -469,7 +472,7 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
     runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__)) if table else Runs.concat([])
-    ids, shapes = polygons(runs)
+    ids, shapes = _polygons(plan, runs)
     pq.write_table(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.parquet")
     _release_memory()
 
