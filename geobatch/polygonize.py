@@ -149,6 +149,8 @@ def _successors(start_key, end_key, by_start, direction) -> np.ndarray:
     pinch = (other != found) & (sorted_keys[other] == end_key)
     successor = np.where(pinch & (direction[first] != (direction + 1) % 4), second, first)
     arriving = np.flatnonzero(pinch)  # the two runs arriving at each pinch vertex
+    if not len(arriving):
+        return successor
     arriving = arriving[np.argsort(end_key[arriving], kind="stable")]
     a, b = arriving[0::2], arriving[1::2]
     ring = _cycles(successor)

@@ -22,6 +22,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
@@ -33,6 +34,7 @@ from geobatch.quicklook import PALETTE, quicklook
 log = logging.getLogger(__name__)
 
 MAX_OUTLINES = 20_000  # objects outlined per quicklook; the mask shows the rest
+OUTLINE_BATCH_BYTES = 8 * 2**20  # WKB decoded at once for the outlines
 _WINDOW = re.compile(r"window \(col \d+, row \d+, \d+x\d+\)")  # tiles differ only in it: group them
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -134,8 +136,10 @@ def _outlines(files: list[Path], pixel: float) -> gpd.GeoSeries:
     """The outlines of the objects worth one on a map of ``pixel`` degrees: at least a pixel across, at
     most ``MAX_OUTLINES`` of them, largest first: a large scene holds millions of specks (the tinted mask
     shows them). They are chosen from the small ``bbox`` and ``area_m2`` columns; only the chosen
-    geometries are decoded, and their boundaries simplified to half a pixel as lines (simplifying
-    polygons of thousands of holes as polygons repairs each result: 23 s for 20 000 of them)."""
+    geometries are decoded, ``OUTLINE_BATCH_BYTES`` of WKB at a time, and of each only the rings (shells
+    and holes) at least a pixel across are kept, simplified to half a pixel as lines (simplifying
+    polygons of thousands of holes as polygons repairs each result: 23 s for 20 000 of them). Memory
+    thus holds one batch, or the largest object, however many objects the scene has."""
     parquets = [pq.ParquetFile(path) for path in files]
     candidates = [_visible(parquet, pixel) for parquet in parquets]
     found = pd.concat(candidates, keys=range(len(files)), names=["file", None]).reset_index(level="file")
@@ -143,9 +147,21 @@ def _outlines(files: list[Path], pixel: float) -> gpd.GeoSeries:
     outlines = []
     for (file, group), rows in chosen.groupby(["file", "group"]):
         wkb = parquets[file].read_row_group(group, columns=["geometry"]).column("geometry")
-        shapes = shapely.from_wkb(wkb.take(rows["row"].to_numpy()).to_numpy(zero_copy_only=False))
-        outlines.append(shapely.simplify(shapely.boundary(shapes), pixel / 2, preserve_topology=False))
+        wkb = wkb.take(rows["row"].to_numpy()).to_numpy(zero_copy_only=False)
+        sizes = np.cumsum([len(value) for value in wkb])
+        for batch in np.split(wkb, np.flatnonzero(np.diff(sizes // OUTLINE_BATCH_BYTES)) + 1):
+            outlines.append(_visible_rings(shapely.from_wkb(batch), pixel))
+        del wkb
+        pa.default_memory_pool().release_unused()  # a row group of large objects: Arrow's pool keeps it otherwise
     return gpd.GeoSeries(np.concatenate(outlines) if outlines else [], crs=4326)
+
+
+def _visible_rings(shapes: np.ndarray, pixel: float) -> np.ndarray:
+    """The rings of ``shapes`` at least ``pixel`` wide or tall, simplified to half a pixel as lines."""
+    rings = shapely.get_rings(shapely.get_parts(shapes))
+    bounds = shapely.bounds(rings)
+    seen = (bounds[:, 2] - bounds[:, 0] >= pixel) | (bounds[:, 3] - bounds[:, 1] >= pixel)
+    return shapely.simplify(rings[seen], pixel / 2, preserve_topology=False)
 
 
 def _visible(parquet: pq.ParquetFile, pixel: float) -> pd.DataFrame:
