@@ -124,8 +124,9 @@ def _rings(runs: Runs) -> tuple[np.ndarray, ...]:
     end_key = (region * height + (end_y - y0)) * width + (end_x - x0)
     by_start = np.argsort(start_key)
     successor = _successors(start_key, end_key, by_start, runs.direction)
-    ring, rank = _ring_order(successor, by_start)
-    order = np.lexsort((rank, ring))
+    del start_key, end_key, end_x, end_y, region  # the largest objects have millions of runs: free early
+    ring, order = _ring_order(successor, by_start)
+    del successor, by_start
     turns = _corners(runs.direction[order], ring[order])
     order = order[turns]  # collinear vertices (runs continued across a seam) dropped
     counts = np.bincount(ring[order])
@@ -145,10 +146,13 @@ def _successors(start_key, end_key, by_start, direction) -> np.ndarray:
     sorted_keys = start_key[by_start]
     found = np.searchsorted(sorted_keys, end_key)
     other = np.minimum(found + 1, len(start_key) - 1)
-    first, second = by_start[found], by_start[other]
     pinch = (other != found) & (sorted_keys[other] == end_key)
-    successor = np.where(pinch & (direction[first] != (direction + 1) % 4), second, first)
+    del sorted_keys  # (memory: the largest objects have millions of runs)
+    successor = by_start[found]
     arriving = np.flatnonzero(pinch)  # the two runs arriving at each pinch vertex
+    turn = arriving[direction[successor[arriving]] != (direction[arriving] + 1) % 4]
+    successor[turn] = by_start[other[turn]]
+    del found, other
     if not len(arriving):
         return successor
     arriving = arriving[np.argsort(end_key[arriving], kind="stable")]
@@ -162,32 +166,38 @@ def _successors(start_key, end_key, by_start, direction) -> np.ndarray:
 
 def _cycles(successor: np.ndarray) -> np.ndarray:
     n = len(successor)
-    graph = csr_matrix((np.ones(n, np.int8), (np.arange(n), successor)), shape=(n, n))
+    index = np.int32 if n < 2**31 else np.int64
+    graph = csr_matrix((np.ones(n, np.int8), successor.astype(index), np.arange(n + 1, dtype=index)), shape=(n, n))
     return connected_components(graph, directed=True, connection="weak")[1]
 
 
 def _ring_order(successor: np.ndarray, by_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each run's ring and its position in the ring, counted from the ring's top-left vertex.
+    """Each run's ring, and the runs in ring order: rings one after the other, each from its top-left vertex.
 
-    Pointer jumping (list ranking): log2(longest ring) passes of vectorised gathers.
+    Pointer jumping (list ranking): log2(longest ring) passes of vectorised gathers; then each run goes
+    straight to its place (no sort).
     """
     n = len(successor)
     ring = _cycles(successor)
-    key_rank = np.empty(n, np.int64)
+    key_rank = np.empty(n, np.intp)
     key_rank[by_start] = np.arange(n)
-    head_rank = np.full(ring.max() + 1, n, np.int64)
+    head_rank = np.full(ring.max() + 1, n, np.intp)
     np.minimum.at(head_rank, ring, key_rank)
-    is_head = key_rank == head_rank[ring]
-    last = is_head[successor]  # the run whose successor is its ring's head ends the ring
+    last = (key_rank == head_rank[ring])[successor]  # the run whose successor is its ring's head ends the ring
+    del key_rank, head_rank
     link = np.where(last, np.arange(n), successor)
-    to_end = (~last).astype(np.int64)
+    to_end = (~last).astype(np.int32)
     while True:
         jumped = link[link]
         if np.array_equal(jumped, link):
             break
-        to_end = to_end + to_end[link]
+        to_end += to_end[link]
         link = jumped
-    return ring, -to_end
+    del link, jumped
+    place = np.cumsum(np.bincount(ring))[ring] - 1 - to_end  # the ring's end, less the steps to it
+    order = np.empty(n, np.intp)
+    order[place] = np.arange(n)
+    return ring, order
 
 
 def _corners(direction: np.ndarray, ring: np.ndarray) -> np.ndarray:

@@ -35,11 +35,11 @@ import dask
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.feather as feather
 import pyproj
 import shapely
 import zarr
 from affine import Affine
+from pyarrow import feather
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -475,9 +475,9 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None
     """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows."""
     folder = plan.staging / "runs" / str(bucket)
     files = sorted(folder.glob("*.arrow")) if folder.is_dir() else []
-    table = pa.concat_tables([feather.read_table(f) for f in files]) if files else None
-    runs = Runs(*(table[name].to_numpy() for name in Runs.__slots__)) if table else Runs.concat([])
+    runs = Runs.concat([Runs(*(feather.read_table(f)[name].to_numpy() for name in Runs.__slots__)) for f in files])
     ids, shapes = _polygons(plan, runs)
+    del runs
     _stage(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.arrow")
     _release_memory()
 
