@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import heapq
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -175,7 +176,7 @@ class ObjectTable:
     pixels: np.ndarray
     score_sums: np.ndarray
     areas: np.ndarray
-    crossing: np.ndarray  # made of pieces of several chunks
+    bucket: np.ndarray  # made of pieces of several chunks: the bucket that traces it (step 4); else -1
 
     def subset(self, ids: np.ndarray) -> ObjectTable:
         at = np.searchsorted(self.ids, np.unique(ids))
@@ -206,8 +207,7 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
     try:
         border = dict(zip(chunks, dask.compute(*[dask.delayed(_pieces)(plan, k, w) for k, w in chunks.items()])))
         objects, object_of = _join(border)
-        crossing = objects.ids[objects.crossing]
-        buckets = max(1, min(len(crossing), _CROSSING_BUCKETS), -(-len(crossing) // _CROSSING_PER_BUCKET))
+        buckets = int(objects.bucket.max(initial=-1)) + 1
         work = {
             key: SeamWork(
                 key,
@@ -223,12 +223,12 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
         for key in chunks:  # 2 x 2 chunks: the part of the mosaic that makes one chunk of overview level 2
             blocks.setdefault((key[0] // 2, key[1] // 2), []).append(work[key])
         outlines = [
-            dask.delayed(_outline_block)(plan, block, members, buckets, mosaic if overview else None)
+            dask.delayed(_outline_block)(plan, block, members, mosaic if overview else None)
             for block, members in blocks.items()
         ]
         dask.compute(*outlines)
         traced = [
-            dask.delayed(_trace_crossing)(plan, objects.subset(crossing[crossing % buckets == bucket]), bucket)
+            dask.delayed(_trace_crossing)(plan, objects.subset(objects.ids[objects.bucket == bucket]), bucket)
             for bucket in range(buckets)
         ]
         dask.compute(*traced)
@@ -353,10 +353,29 @@ def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[Chunk
     object_id[objects.index.to_numpy()] = objects["first"].to_numpy() + 1
     table = ObjectTable(
         objects["first"].to_numpy() + 1, objects["code"].to_numpy(), objects["pixels"].to_numpy(),
-        objects["score_sum"].to_numpy(), objects["area"].to_numpy(), objects["pieces"].to_numpy() > 1,
+        objects["score_sum"].to_numpy(), objects["area"].to_numpy(),
+        _crossing_buckets(objects["pixels"].to_numpy(), objects["pieces"].to_numpy() > 1),
     )  # fmt: skip
     object_of = {key: object_id[component[base : base + len(chunks[key].ids)]] for key, base in bases.items()}
     return table, object_of
+
+
+def _crossing_buckets(pixels: np.ndarray, crossing: np.ndarray) -> np.ndarray:
+    """A tracing bucket for each seam-crossing object (-1 for the others), balancing the buckets' pixels.
+
+    A few large objects make most of the tracing, so buckets are filled largest first, each object going
+    to the least-filled bucket; there are at least ``_CROSSING_BUCKETS`` (to spread over the workers),
+    and one per ``_CROSSING_PER_BUCKET`` objects (a task holds its objects' runs).
+    """
+    count = int(np.count_nonzero(crossing))
+    buckets = max(min(count, _CROSSING_BUCKETS), -(-count // _CROSSING_PER_BUCKET))
+    bucket = np.full(len(pixels), -1, np.int64)
+    filled = [(0, b) for b in range(buckets)]
+    for i in np.flatnonzero(crossing)[np.argsort(-pixels[crossing], kind="stable")]:
+        total, b = heapq.heappop(filled)
+        bucket[i] = b
+        heapq.heappush(filled, (total + int(pixels[i]), b))
+    return bucket
 
 
 def _seam_edges(chunks, bases, codes, key) -> tuple[np.ndarray, np.ndarray]:
@@ -416,7 +435,7 @@ class SeamWork:
     halo: tuple  # object ids of the pixels just outside the chunk (see _halo)
 
 
-def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], buckets: int, overview: Mosaic | None):
+def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], overview: Mosaic | None):
     """Step 3 for the 2 x 2 chunks that make chunk ``block`` of overview level 2, which it writes too if asked."""
     top, left = min(c.where[0].start for c in chunks), min(c.where[1].start for c in chunks)
     rows = slice(top, max(c.where[0].stop for c in chunks))
@@ -427,13 +446,13 @@ def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], bu
     for chunk in chunks:
         inside = (slice(chunk.where[0].start - top, chunk.where[0].stop - top),
                   slice(chunk.where[1].start - left, chunk.where[1].stop - left))  # fmt: skip
-        instance[inside] = _outlines(plan, chunk, label[inside], buckets)
+        instance[inside] = _outlines(plan, chunk, label[inside])
     group["instance"][rows, cols] = instance  # whole chunks: aligned writes
     if overview is not None:
         write_overview_chunk(overview, 2, block, label, group["score"][rows, cols], instance)
 
 
-def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray, buckets: int) -> np.ndarray:
+def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray) -> np.ndarray:
     """Step 3 for one chunk: polygonise its border objects, or stage their runs; returns its ``instance`` ids."""
     components = _components(label, plan.codes, work.where, plan.width)  # recomputed: cheaper than staging ids
     object_of_local = np.concatenate(([0], components.first + 1))
@@ -447,14 +466,12 @@ def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray, buckets: int)
             padded[index, side] = values
     runs = boundary_runs(padded, (work.where[0].start, work.where[1].start))
     objects = work.objects
-    crossing = objects.crossing[np.searchsorted(objects.ids, runs.ids)]
-    ids, shapes = _polygons(plan, runs.select(~crossing))
+    bucket_of = objects.bucket[np.searchsorted(objects.ids, runs.ids)]
+    ids, shapes = _polygons(plan, runs.select(bucket_of < 0))
     key = work.key
     _stage(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.arrow")
-    across = runs.select(crossing)
-    bucket_of = across.ids % buckets
-    for bucket in np.unique(bucket_of):
-        runs_in = across.select(bucket_of == bucket)
+    for bucket in np.unique(bucket_of[bucket_of >= 0]):
+        runs_in = runs.select(bucket_of == bucket)
         folder = plan.staging / "runs" / str(bucket)
         folder.mkdir(exist_ok=True)
         _stage(pa.table({name: getattr(runs_in, name) for name in Runs.__slots__}), folder / f"{key[0]}_{key[1]}.arrow")
@@ -475,11 +492,15 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None
     """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows."""
     folder = plan.staging / "runs" / str(bucket)
     files = sorted(folder.glob("*.arrow")) if folder.is_dir() else []
-    runs = Runs.concat([Runs(*(feather.read_table(f)[name].to_numpy() for name in Runs.__slots__)) for f in files])
+    runs = Runs.concat([_staged_runs(feather.read_table(f)) for f in files])
     ids, shapes = _polygons(plan, runs)
     del runs
     _stage(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.arrow")
     _release_memory()
+
+
+def _staged_runs(table: pa.Table) -> Runs:
+    return Runs(*(table[name].to_numpy() for name in Runs.__slots__))
 
 
 def _release_memory() -> None:
