@@ -35,7 +35,7 @@ _BUCKET_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/"}
 # and a block cache of a few tiles' blocks: GDAL's default (5 % of the machine's memory per process)
 # makes every reader grow with the scene until it holds over a gigabyte.
 _GDAL_DEFAULTS = {
-    "GDAL_CACHEMAX": "256",  # MiB (a job's gdal_options may set another number of MiB)
+    "GDAL_CACHEMAX": "64",  # MiB (a job's gdal_options may set another number of MiB)
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",

@@ -29,6 +29,7 @@ import functools
 import heapq
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,8 +196,8 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
-    row-major chunk order, then the seam-crossing objects. Runs on the current Dask scheduler; each task
-    opens the store by path itself. Staged files live beside the mosaic until the last batch is taken.
+    row-major chunk order, then the seam-crossing objects (traced while the chunks' batches are taken).
+    Runs on the current Dask scheduler; each task opens the store by path itself. Staged files live beside the mosaic until the last batch is taken.
     """
     staging = Path(mosaic.path).with_name(f"{mosaic.scene_id}.vectors.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -231,9 +232,11 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
             dask.delayed(_trace_crossing)(plan, objects.subset(objects.ids[objects.bucket == bucket]), bucket)
             for bucket in range(buckets)
         ]
-        dask.compute(*traced)
-        for key in chunks:
-            yield pa.concat_tables([feather.read_table(p) for p in _staged_rows(staging, key)])
+        with ThreadPoolExecutor(1) as background:  # the workers trace while the caller takes the chunks' rows
+            tracing = background.submit(dask.compute, *traced)
+            for key in chunks:
+                yield pa.concat_tables([feather.read_table(p) for p in _staged_rows(staging, key)])
+            tracing.result()
         for bucket in range(buckets):
             yield feather.read_table(staging / "crossing" / f"{bucket}.arrow")
     finally:
