@@ -54,8 +54,9 @@ from geobatch.tiling import TileGrid, plan_tiles
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
-_CROSSING_PER_BUCKET = 512  # seam-crossing objects traced by one task (memory: their runs, ~100 B per run)
-_CROSSING_BUCKETS = 8  # at least: a few large objects make most of the work, and they spread across workers
+_CROSSING_PER_BUCKET = 512  # one trace task per this many seam-crossing objects
+_RUNS_PER_TRACE = 1_000_000  # boundary runs linked at once by a trace (but a larger object's all at once)
+_CROSSING_BUCKETS = 8  # trace tasks at least, to spread the work over the workers
 
 ChunkKey = tuple[int, int]
 
@@ -207,7 +208,7 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
     chunks = _chunk_slices(mosaic)
     try:
         border = dict(zip(chunks, dask.compute(*[dask.delayed(_pieces)(plan, k, w) for k, w in chunks.items()])))
-        objects, object_of = _join(border)
+        objects, object_of = _join(border, mosaic.chunk**2)
         buckets = int(objects.bucket.max(initial=-1)) + 1
         work = {
             key: SeamWork(
@@ -323,8 +324,9 @@ def _polygons(plan: MosaicPlan, runs: Runs) -> tuple[np.ndarray, np.ndarray]:
     return polygons(runs, plan.georeference.lonlat)
 
 
-def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
-    """Step 2: join border pieces that touch across seams into objects.
+def _join(chunks: dict[ChunkKey, BorderPieces], large: int) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
+    """Step 2: join border pieces that touch across seams into objects (and bucket those of several chunks,
+    objects of more than ``large`` pixels together: see :func:`_crossing_buckets`).
 
     Returns the objects and, per chunk, the object id of each of its border pieces.
     """
@@ -357,24 +359,27 @@ def _join(chunks: dict[ChunkKey, BorderPieces]) -> tuple[ObjectTable, dict[Chunk
     table = ObjectTable(
         objects["first"].to_numpy() + 1, objects["code"].to_numpy(), objects["pixels"].to_numpy(),
         objects["score_sum"].to_numpy(), objects["area"].to_numpy(),
-        _crossing_buckets(objects["pixels"].to_numpy(), objects["pieces"].to_numpy() > 1),
+        _crossing_buckets(objects["pixels"].to_numpy(), objects["pieces"].to_numpy() > 1, large),
     )  # fmt: skip
     object_of = {key: object_id[component[base : base + len(chunks[key].ids)]] for key, base in bases.items()}
     return table, object_of
 
 
-def _crossing_buckets(pixels: np.ndarray, crossing: np.ndarray) -> np.ndarray:
-    """A tracing bucket for each seam-crossing object (-1 for the others), balancing the buckets' pixels.
+def _crossing_buckets(pixels: np.ndarray, crossing: np.ndarray, large: int) -> np.ndarray:
+    """A tracing bucket for each seam-crossing object (-1 for the others).
 
-    A few large objects make most of the tracing, so buckets are filled largest first, each object going
-    to the least-filled bucket; there are at least ``_CROSSING_BUCKETS`` (to spread over the workers),
-    and one per ``_CROSSING_PER_BUCKET`` objects (a task holds its objects' runs).
+    Objects of more than ``large`` pixels all go to bucket 0, which traces them one after the other, so
+    that no two of them are in memory at once. The others are spread so that the buckets' pixels are
+    about equal (largest first, each to the least-filled bucket); there are at least ``_CROSSING_BUCKETS``
+    buckets (to spread over the workers), and one per ``_CROSSING_PER_BUCKET`` objects.
     """
     count = int(np.count_nonzero(crossing))
-    buckets = max(min(count, _CROSSING_BUCKETS), -(-count // _CROSSING_PER_BUCKET))
-    bucket = np.full(len(pixels), -1, np.int64)
-    filled = [(0, b) for b in range(buckets)]
-    for i in np.flatnonzero(crossing)[np.argsort(-pixels[crossing], kind="stable")]:
+    first = 1 if (pixels[crossing] > large).any() else 0
+    buckets = max(min(count, _CROSSING_BUCKETS), -(-count // _CROSSING_PER_BUCKET), first + 1)
+    bucket = np.where(crossing, 0, -1)
+    filled = [(0, b) for b in range(first, buckets)]
+    small = np.flatnonzero(crossing & (pixels <= large))
+    for i in small[np.argsort(-pixels[small], kind="stable")]:
         total, b = heapq.heappop(filled)
         bucket[i] = b
         heapq.heappush(filled, (total + int(pixels[i]), b))
@@ -492,12 +497,21 @@ def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
 
 
 def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None:
-    """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows."""
+    """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows.
+
+    Objects are traced a group at a time, a group being one object or objects of at most
+    ``_RUNS_PER_TRACE`` runs in all: a trace holds about 100 bytes per run.
+    """
     folder = plan.staging / "runs" / str(bucket)
     files = sorted(folder.glob("*.arrow")) if folder.is_dir() else []
     runs = Runs.concat([_staged_runs(feather.read_table(f)) for f in files])
-    ids, shapes = _polygons(plan, runs)
+    runs = runs.select(np.argsort(runs.ids, kind="stable"))
+    starts = np.flatnonzero(np.diff(runs.ids, prepend=-1))  # each object's first run
+    cuts = starts[np.flatnonzero(np.diff(starts // _RUNS_PER_TRACE, prepend=-1))][1:]
+    traced = [_polygons(plan, runs.select(np.s_[a:b])) for a, b in zip([0, *cuts], [*cuts, len(runs)])]
     del runs
+    ids = np.concatenate([t[0] for t in traced])
+    shapes = np.concatenate([t[1] for t in traced])
     _stage(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.arrow")
     _release_memory()
 

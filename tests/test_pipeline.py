@@ -1,14 +1,17 @@
 """End to end on a real NAIP scene: tiling must be invisible and every object must appear once."""
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
+import dask
 import duckdb
 import duckdb_extension_spatial
 import geopandas as gpd
 import jsonschema
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pyproj
 import pytest
@@ -23,10 +26,12 @@ from referencing.jsonschema import DRAFT7
 from scipy import ndimage
 
 from geobatch import catalog
+from geobatch import vectorize as vectorize_module
 from geobatch.jobs import load_job
 from geobatch.models.spectral import normalised_difference
 from geobatch.pipeline import run_job
-from geobatch.stitch import LABEL_NODATA
+from geobatch.scenes import discover, open_scene
+from geobatch.stitch import LABEL_NODATA, Mosaic
 
 COMBOS = [(256, 32), (100, 0), (173, 17)]  # core, overlap: aligned and unaligned to the scene, with and without overlap
 
@@ -98,6 +103,26 @@ def test_object_ids_and_instances_do_not_depend_on_the_tiling(ray_session, tmp_p
     assert list(obj_a["object_id"]) == list(obj_b["object_id"])
     assert np.allclose(obj_a["score"], obj_b["score"])
     assert shapely.equals_exact(obj_a.geometry.normalize().to_numpy(), obj_b.geometry.normalize().to_numpy(), 0).all()
+
+
+def test_seam_crossing_objects_traced_a_few_runs_at_a_time_keep_their_polygons(run, tmp_path, monkeypatch):
+    """A trace links at most ``_RUNS_PER_TRACE`` runs at once (an object with more, alone): memory, not
+    results, depends on it. Vectorised again here with 50 runs per trace (in this process, Dask's
+    synchronous scheduler), every polygon is the one the run stored."""
+    summary, mosaic_path, core = run
+    copy = shutil.copytree(mosaic_path, tmp_path / mosaic_path.name)
+    monkeypatch.setattr(vectorize_module, "_RUNS_PER_TRACE", 50)
+    spec = load_job(write_job(tmp_path / "job.yaml"))
+    scene = open_scene(discover(spec)[0][0], ["green", "nir"])
+    mosaic = Mosaic(scene.scene_id, str(copy), scene.shape, core, ("water",))
+    with dask.config.set(scheduler="sync"):
+        rows = pa.concat_tables(list(vectorize_module.vectorize(mosaic, scene)))
+    again = dict(zip(rows["object_id"].to_pylist(), shapely.from_wkb(rows["geometry"].to_numpy(zero_copy_only=False))))
+    stored = gpd.read_parquet(summary.tables["objects"])
+    assert len(again) == len(stored)
+    assert shapely.equals_exact(
+        shapely.normalize(np.array([again[i] for i in stored["object_id"]])), stored.geometry.normalize().to_numpy(), 0
+    ).all()
 
 
 def test_mosaic_is_georeferenced_for_xarray_and_rioxarray(run):
