@@ -208,7 +208,8 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
     chunks = _chunk_slices(mosaic)
     try:
         border = dict(zip(chunks, dask.compute(*[dask.delayed(_pieces)(plan, k, w) for k, w in chunks.items()])))
-        objects, object_of = _join(border, mosaic.chunk**2)
+        large = 4 * mosaic.chunk**2  # more than a 2 x 2 chunk task of step 3 holds
+        objects, object_of = _join(border, large)
         buckets = int(objects.bucket.max(initial=-1)) + 1
         work = {
             key: SeamWork(
@@ -229,10 +230,12 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
             for block, members in blocks.items()
         ]
         dask.compute(*outlines)
-        traced = [
-            dask.delayed(_trace_crossing)(plan, objects.subset(objects.ids[objects.bucket == bucket]), bucket)
-            for bucket in range(buckets)
-        ]
+        traced, after = [], None
+        for bucket in range(buckets):
+            members = objects.subset(objects.ids[objects.bucket == bucket])
+            alone = len(members.ids) == 1 and members.pixels[0] > large  # the large objects, one at a time
+            traced.append(dask.delayed(_trace_crossing)(plan, members, bucket, after if alone else None))
+            after = traced[-1] if alone else after
         with ThreadPoolExecutor(1) as background:  # the workers trace while the caller takes the chunks' rows
             tracing = background.submit(dask.compute, *traced)
             for key in chunks:
@@ -368,17 +371,17 @@ def _join(chunks: dict[ChunkKey, BorderPieces], large: int) -> tuple[ObjectTable
 def _crossing_buckets(pixels: np.ndarray, crossing: np.ndarray, large: int) -> np.ndarray:
     """A tracing bucket for each seam-crossing object (-1 for the others).
 
-    Objects of more than ``large`` pixels all go to bucket 0, which traces them one after the other, so
-    that no two of them are in memory at once. The others are spread so that the buckets' pixels are
-    about equal (largest first, each to the least-filled bucket); there are at least ``_CROSSING_BUCKETS``
-    buckets (to spread over the workers), and one per ``_CROSSING_PER_BUCKET`` objects.
+    Each object of more than ``large`` pixels has a bucket of its own, numbered first, largest first:
+    they are traced one after the other (see :func:`vectorize`), so that no two are in memory at once. The
+    others are spread so that the buckets' pixels are about equal (largest first, each to the least-filled
+    bucket), over at least ``_CROSSING_BUCKETS`` buckets and one per ``_CROSSING_PER_BUCKET`` objects.
     """
-    count = int(np.count_nonzero(crossing))
-    first = 1 if (pixels[crossing] > large).any() else 0
-    buckets = max(min(count, _CROSSING_BUCKETS), -(-count // _CROSSING_PER_BUCKET), first + 1)
-    bucket = np.where(crossing, 0, -1)
-    filled = [(0, b) for b in range(first, buckets)]
+    bucket = np.full(len(pixels), -1, np.int64)
+    big = np.flatnonzero(crossing & (pixels > large))
+    bucket[big[np.argsort(-pixels[big], kind="stable")]] = np.arange(len(big))
     small = np.flatnonzero(crossing & (pixels <= large))
+    buckets = max(min(len(small), _CROSSING_BUCKETS), -(-len(small) // _CROSSING_PER_BUCKET))
+    filled = [(0, b) for b in range(len(big), len(big) + buckets)]
     for i in small[np.argsort(-pixels[small], kind="stable")]:
         total, b = heapq.heappop(filled)
         bucket[i] = b
@@ -496,11 +499,12 @@ def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
     return [staging / f"{key[0]}_{key[1]}.{part}.arrow" for part in ("inner", "border")]
 
 
-def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int) -> None:
+def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: None = None) -> None:
     """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows.
 
     Objects are traced a group at a time, a group being one object or objects of at most
-    ``_RUNS_PER_TRACE`` runs in all: a trace holds about 100 bytes per run.
+    ``_RUNS_PER_TRACE`` runs in all: a trace holds about 100 bytes per run. ``after`` is the result of
+    the trace this one waits for (a Dask dependency).
     """
     folder = plan.staging / "runs" / str(bucket)
     files = sorted(folder.glob("*.arrow")) if folder.is_dir() else []
