@@ -1,7 +1,7 @@
 """The catalog: GeoParquet 1.1 datasets of objects, scenes and tiles, and the queries analysts run on them.
 
 Layout under a job's output folder (every file GeoParquet 1.1, EPSG:4326 WKB, ``bbox`` covering column,
-zstd, rows Hilbert-sorted into row groups of ``ROW_GROUP_ROWS``)::
+zstd, rows Hilbert-sorted into row groups of ``ROW_GROUP_ROWS``, or fewer of ``ROW_GROUP_BYTES``)::
 
     catalog/objects/<label>/<YYYY-MM>/<run_id>_<scene_id>.parquet   one file per scene, label and month
     catalog/scenes/<run_id>.parquet                                  one row per scene of the run
@@ -49,6 +49,7 @@ OBJECT_COLUMNS = (
 OPTIONAL_OBJECT_COLUMNS = ("prompt_id", "attributes")  # objects of vector prompts; model measures (JSON text)
 TABLES = ("objects", "scenes", "tiles")
 ROW_GROUP_ROWS = 4096  # small enough that a region query reads few rows beyond its answer
+ROW_GROUP_BYTES = 64 * 2**20  # and fewer rows where they are large: memory holds one row group
 UNDATED = "undated"
 _ARROW_STRINGS = {
     pa.string(): pd.StringDtype("pyarrow"),
@@ -116,12 +117,14 @@ class GeoParquetStream:
     def write(self, table: pa.Table) -> None:
         """Append rows with WKB ``geometry`` and a ``bbox`` struct column (see :func:`geoparquet_table`)."""
         self._buffer.append(table)
-        if sum(len(t) for t in self._buffer) >= self.row_group_size:
+        if sum(t.nbytes for t in self._buffer) >= ROW_GROUP_BYTES:  # a few large objects: a short row group
+            self._flush(everything=True)
+        elif sum(len(t) for t in self._buffer) >= self.row_group_size:
             self._flush()
 
     def close(self) -> Path:
         """Finish the file and move it into place; returns its path."""
-        self._flush(final=True)
+        self._flush(everything=True)
         if self._writer is None:
             raise ValueError(f"{self.path}: nothing was written, not even an empty table")
         self._writer.add_key_value_metadata({"geo": json.dumps(self._geo())})
@@ -135,15 +138,15 @@ class GeoParquetStream:
             self._writer.close()
         self.partial.unlink(missing_ok=True)
 
-    def _flush(self, final: bool = False) -> None:
-        """Write the buffered rows as whole row groups (and the rest too when ``final``)."""
+    def _flush(self, everything: bool = False) -> None:
+        """Write the buffered rows as whole row groups (and the rest too with ``everything``)."""
         if not self._buffer:
             return
         table = pa.concat_tables(self._buffer, promote_options="permissive")
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd", store_schema=False)
-        whole = len(table) if final else len(table) - len(table) % self.row_group_size
+        whole = len(table) if everything else len(table) - len(table) % self.row_group_size
         if whole:
             rows = table.slice(0, whole).cast(self._writer.schema)
             self._track(rows)

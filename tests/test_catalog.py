@@ -235,3 +235,21 @@ def test_a_scene_written_in_batches_streams_row_groups_with_exact_file_metadata(
         assert geo["geometry_types"] == sorted(set(part.geom_type))
         metadata = pq.ParquetFile(path).metadata
         assert metadata.num_row_groups == -(-len(part) // catalog.ROW_GROUP_ROWS)  # whole groups as rows arrive
+
+
+def test_rows_of_large_objects_make_short_row_groups(tmp_path, monkeypatch):
+    """A row group holds ROW_GROUP_ROWS rows, or fewer where they pass ROW_GROUP_BYTES: memory holds one."""
+    objects = random_objects(seed=6, count=3_000)
+    objects["geometry"] = objects.geometry.buffer(0.01, quad_segs=64)  # about 4 KiB of WKB each
+    batches = [catalog.geoparquet_table(objects.iloc[i : i + 100]) for i in range(0, len(objects), 100)]
+    monkeypatch.setattr(catalog, "ROW_GROUP_BYTES", 2**20)
+    stream = catalog.GeoParquetStream(tmp_path / "large.parquet")
+    for batch in batches:
+        stream.write(batch)
+    metadata = pq.ParquetFile(stream.close()).metadata
+    assert metadata.num_rows == len(objects)
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    assert len(groups) > 1
+    assert max(g.total_byte_size for g in groups) < 2 * 2**20
+    back = gpd.read_parquet(tmp_path / "large.parquet")
+    assert list(back["object_id"]) == [i for b in batches for i in b["object_id"].to_pylist()]  # order kept
