@@ -3,10 +3,10 @@
 An object is a 4-connected region of one label. Work is split by mosaic chunk and run as a Dask graph,
 and the driver never holds pixels or more than one chunk's polygons:
 
-1. per chunk: 4-connected components of each label, their pixel counts, score and area sums, first
-   pixels; components that do not touch the chunk's border are whole objects, so their polygons and
-   catalog rows are made and staged right there. Only the border components and the chunk's four
-   border strips go back to the driver;
+1. per chunk (a task reads 2 x 2 chunks): 4-connected components of each label, their pixel counts,
+   score and area sums, first pixels; components that do not touch the chunk's border are whole
+   objects, so their polygons and catalog rows are made and staged right there. Only the border
+   components and the chunk's four border strips go back to the driver;
 2. on the driver: border components that touch across a seam with the same label are joined into
    objects (a sparse graph's connected components over the border strips: no pixels, no polygons);
 3. per 2 x 2 chunks (the source of one chunk of overview level 2, written there too): the ``instance``
@@ -14,7 +14,9 @@ and the driver never holds pixels or more than one chunk's polygons:
    neighbours' ids around the chunk, so an object gets no edge along a seam it crosses. Objects within
    the chunk are polygonised there; the runs of objects that cross a seam are staged in buckets;
 4. per bucket of seam-crossing objects: the runs of each, gathered from every chunk it touches, are
-   linked into rings (:mod:`geobatch.polygonize`) and their rows staged.
+   linked into rings (:mod:`geobatch.polygonize`) and their rows staged. Objects larger than 2 x 2
+   chunks have a bucket each and are traced one after another, the others are spread evenly; the
+   driver writes the chunks' rows meanwhile.
 
 Every polygon thus follows its object's pixel edges exactly and is the same for any tiling. An object's
 id is its first pixel in row-major order (``row * width + col``, plus one in the ``instance`` array), so
@@ -206,8 +208,14 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
         (staging / folder).mkdir(parents=True)
     plan = MosaicPlan(mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, Georeference.of(scene), staging)
     chunks = _chunk_slices(mosaic)
+    blocks: dict[ChunkKey, list[ChunkKey]] = {}
+    for key in chunks:  # 2 x 2 chunks: one task each (and the part of the mosaic that makes a chunk of overview 2)
+        blocks.setdefault((key[0] // 2, key[1] // 2), []).append(key)
     try:
-        border = dict(zip(chunks, dask.compute(*[dask.delayed(_pieces)(plan, k, w) for k, w in chunks.items()])))
+        found = dask.compute(
+            *[dask.delayed(_block_pieces)(plan, {k: chunks[k] for k in keys}) for keys in blocks.values()]
+        )
+        border = {key: pieces for block in found for key, pieces in block.items()}
         large = 4 * mosaic.chunk**2  # more than a 2 x 2 chunk task of step 3 holds
         objects, object_of = _join(border, large)
         buckets = int(objects.bucket.max(initial=-1)) + 1
@@ -222,12 +230,9 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
             )
             for key, where in chunks.items()
         }
-        blocks: dict[ChunkKey, list[SeamWork]] = {}
-        for key in chunks:  # 2 x 2 chunks: the part of the mosaic that makes one chunk of overview level 2
-            blocks.setdefault((key[0] // 2, key[1] // 2), []).append(work[key])
         outlines = [
-            dask.delayed(_outline_block)(plan, block, members, mosaic if overview else None)
-            for block, members in blocks.items()
+            dask.delayed(_outline_block)(plan, block, [work[key] for key in keys], mosaic if overview else None)
+            for block, keys in blocks.items()
         ]
         dask.compute(*outlines)
         traced, after = [], None
@@ -279,11 +284,27 @@ def _components(label: np.ndarray, codes: tuple[int, ...], where: tuple[slice, s
     )
 
 
-def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice]) -> BorderPieces:
-    """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
+def _block_pieces(plan: MosaicPlan, chunks: dict[ChunkKey, tuple[slice, slice]]) -> dict[ChunkKey, BorderPieces]:
+    """Step 1 for a few neighbouring chunks, read together."""
+    rows, cols = _bounding_slices(list(chunks.values()))
     group = zarr.open_group(plan.path, mode="r")
-    components = _components(group["label"][where], plan.codes, where, plan.width)
-    score = group["score"][where]
+    label, score = group["label"][rows, cols], group["score"][rows, cols]
+    inside = {key: _within(where, rows, cols) for key, where in chunks.items()}
+    return {key: _pieces(plan, key, where, label[inside[key]], score[inside[key]]) for key, where in chunks.items()}
+
+
+def _bounding_slices(windows: list[tuple[slice, slice]]) -> tuple[slice, slice]:
+    return tuple(slice(min(w[i].start for w in windows), max(w[i].stop for w in windows)) for i in (0, 1))
+
+
+def _within(where: tuple[slice, slice], rows: slice, cols: slice) -> tuple[slice, slice]:
+    """``where`` relative to the window ``rows`` x ``cols`` that holds it."""
+    return tuple(slice(w.start - origin, w.stop - origin) for w, origin in zip(where, (rows.start, cols.start)))
+
+
+def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice], label, score) -> BorderPieces:
+    """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
+    components = _components(label, plan.codes, where, plan.width)
     at, local, n = components.labelled, components.labelled_ids, components.count + 1
     pixels = np.bincount(local, minlength=n)[1:]
     score_sums = np.bincount(local, weights=np.nan_to_num(score.ravel()[at]), minlength=n)[1:]
@@ -448,15 +469,12 @@ class SeamWork:
 
 def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], overview: Mosaic | None):
     """Step 3 for the 2 x 2 chunks that make chunk ``block`` of overview level 2, which it writes too if asked."""
-    top, left = min(c.where[0].start for c in chunks), min(c.where[1].start for c in chunks)
-    rows = slice(top, max(c.where[0].stop for c in chunks))
-    cols = slice(left, max(c.where[1].stop for c in chunks))
+    rows, cols = _bounding_slices([chunk.where for chunk in chunks])
     group = zarr.open_group(plan.path, mode="r+")
     label = group["label"][rows, cols]
     instance = np.zeros(label.shape, np.uint64)
     for chunk in chunks:
-        inside = (slice(chunk.where[0].start - top, chunk.where[0].stop - top),
-                  slice(chunk.where[1].start - left, chunk.where[1].stop - left))  # fmt: skip
+        inside = _within(chunk.where, rows, cols)
         instance[inside] = _outlines(plan, chunk, label[inside])
     group["instance"][rows, cols] = instance  # whole chunks: aligned writes
     if overview is not None:
