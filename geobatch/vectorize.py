@@ -200,7 +200,8 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
     row-major chunk order, then the seam-crossing objects (traced while the chunks' batches are taken).
-    Runs on the current Dask scheduler; each task opens the store by path itself. Staged files live beside the mosaic until the last batch is taken.
+    Runs on the current Dask scheduler; each task opens the store by path itself. Staged files live beside
+    the mosaic until the last batch is taken.
     """
     staging = Path(mosaic.path).with_name(f"{mosaic.scene_id}.vectors.partial")
     shutil.rmtree(staging, ignore_errors=True)
