@@ -17,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+import numba
 import numpy as np
+import pyarrow as pa
 import shapely
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
 
 _STEP_X = np.array([1, 0, -1, 0])  # direction 0: +x (a pixel's top edge), 1: +y (right edge),
 _STEP_Y = np.array([0, 1, 0, -1])  # 2: -x (bottom edge), 3: -y (left edge)
+_RUN_DTYPES = (np.int64, np.int64, np.int64, np.int8, np.int64)  # the fields of Runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,34 +57,16 @@ def boundary_runs(padded: np.ndarray, origin: tuple[int, int] = (0, 0)) -> Runs:
     region continuing past the frame gets no edge there. ``origin`` (row, column) of the first inner
     pixel places the runs in a larger raster.
     """
-    core = padded[1:-1, 1:-1]
-    row0, col0 = origin
-    parts = []
-    for direction, neighbour in enumerate((padded[:-2, 1:-1], padded[1:-1, 2:], padded[2:, 1:-1], padded[1:-1, :-2])):
-        edge = (core != neighbour) & (core != 0)
-        horizontal = direction in (0, 2)
-        ids, rows, cols, length = _runs_of(edge if horizontal else edge.T, core if horizontal else core.T)
-        if not horizontal:
-            rows, cols = cols, rows
-        x, y = {  # where each run starts, walking with the region on its right
-            0: (cols, rows),
-            1: (cols + 1, rows),
-            2: (cols + length, rows + 1),
-            3: (cols, rows + length),
-        }[direction]
-        parts.append(Runs(ids.astype(np.int64), x + col0, y + row0, np.full(len(ids), direction, np.int8), length))
-    return Runs.concat(parts)
-
-
-def _runs_of(edge: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Maximal runs along rows of ``edge`` pixels with equal values: value, row, first column, length."""
-    rows, cols = np.nonzero(edge)
-    ids = values[rows, cols]
-    starts = np.ones(len(rows), bool)
-    starts[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (ids[1:] != ids[:-1])
-    first = np.flatnonzero(starts)
-    length = np.diff(np.append(first, len(rows)))
-    return ids[first], rows[first].astype(np.int64), cols[first].astype(np.int64), length.astype(np.int64)
+    padded = np.ascontiguousarray(padded)
+    if padded.dtype.kind not in "iu":
+        padded = padded.astype(np.int64)
+    capacity = padded.size // 4  # more than enough but for a checkerboard (untouched pages cost no memory)
+    while True:
+        runs = Runs(*(np.empty(capacity, dtype) for dtype in _RUN_DTYPES))
+        count = _scan_runs(padded, *origin, runs.ids, runs.x, runs.y, runs.direction, runs.length)
+        if count <= capacity:
+            return runs.select(np.s_[:count])
+        capacity = count
 
 
 def polygons(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +77,64 @@ def polygons(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None = 
     """
     if not len(runs):
         return np.zeros(0, np.int64), np.zeros(0, dtype=object)
+    rings = _ordered_rings(runs, transform)
+    if rings.one_part_each:
+        shapes = shapely.from_ragged_array(shapely.GeometryType.POLYGON, rings.coords, rings.offsets)
+        return rings.ids[rings.exterior], shapes
+    split = rings.offsets[0][1:-1]
+    return _multipart(rings.ids, rings.exterior, np.split(rings.pixel_coords, split), np.split(rings.coords, split))
+
+
+@dataclass(frozen=True, slots=True)
+class WkbPolygons:
+    """Regions' ids, their geometries as WKB (an Arrow array) and their bounds (n x 4: xmin, ymin, xmax, ymax)."""
+
+    ids: np.ndarray
+    wkb: pa.Array
+    bounds: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence[WkbPolygons]) -> WkbPolygons:
+        return cls(
+            np.concatenate([p.ids for p in parts]),
+            pa.concat_arrays([p.wkb for p in parts]),
+            np.concatenate([p.bounds for p in parts]),
+        )
+
+
+def polygon_wkb(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> WkbPolygons:
+    """What :func:`polygons` makes, with the geometries as (little-endian) WKB written straight from the
+    coordinate arrays: making the shapely objects, then their WKB, costs 20x more."""
+    if not len(runs):
+        return WkbPolygons(np.zeros(0, np.int64), pa.array([], pa.binary()), np.zeros((0, 4)))
+    rings = _ordered_rings(runs, transform)
+    if not rings.one_part_each:  # rare (instance rasters): through shapely
+        ids, shapes = polygons(runs, transform)
+        return WkbPolygons(ids, pa.array(shapely.to_wkb(shapes), pa.binary()), shapely.bounds(shapes))
+    offsets, data, bounds = _write_wkb(np.ascontiguousarray(rings.coords, np.float64), *rings.offsets)
+    wkb = pa.BinaryArray.from_buffers(pa.binary(), len(bounds), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return WkbPolygons(rings.ids[rings.exterior], wkb, bounds)
+
+
+@dataclass(frozen=True, slots=True)
+class _OrderedRings:
+    """Closed rings by region, each region's exterior ring(s) first, with their coordinates before and after
+    the transform, and the offsets of the rings and of the polygons (each exterior ring and the holes after it)
+    into them, as ``shapely.from_ragged_array`` takes them."""
+
+    ids: np.ndarray
+    exterior: np.ndarray
+    pixel_coords: np.ndarray
+    coords: np.ndarray
+    offsets: tuple[np.ndarray, np.ndarray]
+
+    @property
+    def one_part_each(self) -> bool:
+        """Every region has one exterior ring: its holes follow it."""
+        return np.count_nonzero(self.exterior) == len(np.unique(self.ids))
+
+
+def _ordered_rings(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None) -> _OrderedRings:
     ring_ids, x, y, counts = _rings(runs)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     twice_area = np.add.reduceat(x * _ring_next(y, starts, counts) - _ring_next(x, starts, counts) * y, starts)
@@ -101,17 +142,16 @@ def polygons(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None = 
     order = np.lexsort((~exterior, ring_ids))  # by region, its exterior ring(s) first
     pixel_coords, ring_offsets = _closed_rings(x, y, starts, counts, order)
     coords = pixel_coords if transform is None else transform(pixel_coords)
-    exterior, ring_ids = exterior[order], ring_ids[order]
-    if np.count_nonzero(exterior) == len(np.unique(ring_ids)):  # one part each: holes follow their shell
-        polygon_offsets = np.append(np.flatnonzero(exterior), len(order))
-        shapes = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, polygon_offsets))
-        return ring_ids[exterior], shapes
-    split = ring_offsets[1:-1]
-    return _multipart(ring_ids, exterior, np.split(pixel_coords, split), np.split(coords, split))
+    exterior = exterior[order]
+    polygon_offsets = np.append(np.flatnonzero(exterior), len(order))
+    return _OrderedRings(ring_ids[order], exterior, pixel_coords, coords, (ring_offsets, polygon_offsets))
 
 
 def _rings(runs: Runs) -> tuple[np.ndarray, ...]:
-    """Link runs into closed rings; returns each ring's region id, its vertices in order, and vertex counts."""
+    """Link runs into closed rings; returns each ring's region id, its vertices in order, and vertex counts.
+
+    Rings come by region, then by their first vertex, the top-left one (the smallest (y, x)).
+    """
     end_x = runs.x + _STEP_X[runs.direction] * runs.length
     end_y = runs.y + _STEP_Y[runs.direction] * runs.length
     x0, y0 = min(runs.x.min(), end_x.min()), min(runs.y.min(), end_y.min())
@@ -122,93 +162,10 @@ def _rings(runs: Runs) -> tuple[np.ndarray, ...]:
         region = np.unique(runs.ids, return_inverse=True)[1].astype(np.int64)
     start_key = (region * height + (runs.y - y0)) * width + (runs.x - x0)
     end_key = (region * height + (end_y - y0)) * width + (end_x - x0)
-    by_start = np.argsort(start_key)
-    successor = _successors(start_key, end_key, by_start, runs.direction)
-    del start_key, end_key, end_x, end_y, region  # the largest objects have millions of runs: free early
-    ring, order = _ring_order(successor, by_start)
-    del successor, by_start
-    turns = _corners(runs.direction[order], ring[order])
-    order = order[turns]  # collinear vertices (runs continued across a seam) dropped
-    counts = np.bincount(ring[order])
-    counts = counts[counts > 0]
+    del end_x, end_y, region  # the largest objects have millions of runs: free early
+    order, counts = _link(start_key, end_key, runs.direction)
     first = np.concatenate(([0], np.cumsum(counts)[:-1]))
     return runs.ids[order][first], runs.x[order], runs.y[order], counts
-
-
-def _successors(start_key, end_key, by_start, direction) -> np.ndarray:
-    """The run that follows each run along its region's boundary.
-
-    Where a region touches itself only at a corner (a pinch: two runs leave the vertex), turn right, so
-    that the diagonal pixels stay apart; then, where a ring passes one pinch twice, swap the two choices
-    so that it splits into two simple rings (a shell and a hole, or two holes, touching at a point),
-    which is how OGC (and GDAL) draw it.
-    """
-    sorted_keys = start_key[by_start]
-    found = np.searchsorted(sorted_keys, end_key)
-    other = np.minimum(found + 1, len(start_key) - 1)
-    pinch = (other != found) & (sorted_keys[other] == end_key)
-    del sorted_keys  # (memory: the largest objects have millions of runs)
-    successor = by_start[found]
-    arriving = np.flatnonzero(pinch)  # the two runs arriving at each pinch vertex
-    turn = arriving[direction[successor[arriving]] != (direction[arriving] + 1) % 4]
-    successor[turn] = by_start[other[turn]]
-    del found, other
-    if not len(arriving):
-        return successor
-    arriving = arriving[np.argsort(end_key[arriving], kind="stable")]
-    a, b = arriving[0::2], arriving[1::2]
-    ring = _cycles(successor)
-    same = ring[a] == ring[b]
-    a, b = a[same], b[same]
-    successor[a], successor[b] = successor[b], successor[a].copy()
-    return successor
-
-
-def _cycles(successor: np.ndarray) -> np.ndarray:
-    n = len(successor)
-    index = np.int32 if n < 2**31 else np.int64
-    graph = csr_matrix((np.ones(n, np.int8), successor.astype(index), np.arange(n + 1, dtype=index)), shape=(n, n))
-    return connected_components(graph, directed=True, connection="weak")[1]
-
-
-def _ring_order(successor: np.ndarray, by_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each run's ring, and the runs in ring order: rings one after the other, each from its top-left vertex.
-
-    Pointer jumping (list ranking): log2(longest ring) passes of vectorised gathers; then each run goes
-    straight to its place (no sort).
-    """
-    n = len(successor)
-    ring = _cycles(successor)
-    key_rank = np.empty(n, np.intp)
-    key_rank[by_start] = np.arange(n)
-    head_rank = np.full(ring.max() + 1, n, np.intp)
-    np.minimum.at(head_rank, ring, key_rank)
-    last = (key_rank == head_rank[ring])[successor]  # the run whose successor is its ring's head ends the ring
-    del key_rank, head_rank
-    link = np.where(last, np.arange(n), successor)
-    to_end = (~last).astype(np.int32)
-    while True:
-        jumped = link[link]
-        if np.array_equal(jumped, link):
-            break
-        to_end += to_end[link]
-        link = jumped
-    del link, jumped
-    place = np.cumsum(np.bincount(ring))[ring] - 1 - to_end  # the ring's end, less the steps to it
-    order = np.empty(n, np.intp)
-    order[place] = np.arange(n)
-    return ring, order
-
-
-def _corners(direction: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """Which vertices (in ring order) turn: a run that continues the previous one's direction starts none."""
-    previous = np.roll(direction, 1)
-    ring_start = np.ones(len(ring), bool)
-    ring_start[1:] = ring[1:] != ring[:-1]
-    starts = np.flatnonzero(ring_start)
-    ends = np.append(starts[1:], len(ring)) - 1
-    previous[starts] = direction[ends]
-    return direction != previous
 
 
 def _ring_next(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -253,3 +210,192 @@ def _owner(hole: np.ndarray, shells: list[np.ndarray]) -> int:
     candidates = np.asarray([shapely.Polygon(shell) for shell in shells], dtype=object)
     containing = np.flatnonzero(shapely.contains(candidates, inside))
     return int(containing[np.argmin(shapely.area(candidates[containing]))])
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_runs(padded, row0, col0, ids, x, y, direction, length):
+    """One row-major pass over the inner pixels: writes the runs while they fit, returns how many there are."""
+    height, width = padded.shape[0] - 2, padded.shape[1] - 2
+    n = 0
+    right_start = np.full(width, -1, np.int64)  # per column: first row of the open run of right edges ...
+    right_id = np.zeros(width, padded.dtype)  # ... and its id
+    left_start = np.full(width, -1, np.int64)
+    left_id = np.zeros(width, padded.dtype)
+    for r in range(height + 1):
+        top_start = bottom_start = -1
+        top_id = bottom_id = padded[0, 0]
+        for c in range(width + 1):
+            inside = r < height and c < width
+            v = padded[r + 1, c + 1] if inside else padded[0, 0] * 0
+            # horizontal runs: top (+x) and bottom (-x) edges
+            top = inside and v != 0 and v != padded[r, c + 1]
+            if top_start >= 0 and not (top and v == top_id):
+                if n < len(ids):
+                    ids[n], x[n], y[n], direction[n], length[n] = top_id, col0 + top_start, row0 + r, 0, c - top_start
+                n += 1
+                top_start = -1
+            if top and top_start < 0:
+                top_start, top_id = c, v
+            bottom = inside and v != 0 and v != padded[r + 2, c + 1]
+            if bottom_start >= 0 and not (bottom and v == bottom_id):
+                if n < len(ids):
+                    ids[n], x[n], y[n], direction[n], length[n] = bottom_id, col0 + c, row0 + r + 1, 2, c - bottom_start
+                n += 1
+                bottom_start = -1
+            if bottom and bottom_start < 0:
+                bottom_start, bottom_id = c, v
+            if c == width:
+                continue
+            # vertical runs, one open per column: right (+y) and left (-y) edges
+            right = inside and v != 0 and v != padded[r + 1, c + 2]
+            if right_start[c] >= 0 and not (right and v == right_id[c]):
+                if n < len(ids):
+                    ids[n], x[n], y[n], direction[n], length[n] = right_id[c], col0 + c + 1, row0 + right_start[c], 1, r - right_start[c]
+                n += 1
+                right_start[c] = -1
+            if right and right_start[c] < 0:
+                right_start[c], right_id[c] = r, v
+            left = inside and v != 0 and v != padded[r + 1, c]
+            if left_start[c] >= 0 and not (left and v == left_id[c]):
+                if n < len(ids):
+                    ids[n], x[n], y[n], direction[n], length[n] = left_id[c], col0 + c, row0 + r, 3, r - left_start[c]
+                n += 1
+                left_start[c] = -1
+            if left and left_start[c] < 0:
+                left_start[c], left_id[c] = r, v
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _slot(keys, key, mask):
+    """The hash table slot holding ``key``, or the empty slot where it goes (open addressing)."""
+    h = (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
+    i = np.int64(h & np.uint64(mask))
+    while keys[i] != key and keys[i] != -1:
+        i = (i + 1) & mask
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def _successors(start_key, end_key, direction):
+    """The run that follows each run along its region's boundary (the one starting where it ends), and the
+    pairs of runs arriving at a pinch, a vertex where a region touches itself only at a corner: there, two
+    runs leave, and the one turning right is taken, so that the diagonal pixels stay apart."""
+    n = len(start_key)
+    size = 1
+    while size < 2 * n:
+        size *= 2
+    keys = np.full(size, -1, np.int64)  # a hash table of start keys (open addressing) ...
+    first = np.full(size, -1, np.int32)  # ... and the run(s) starting there
+    second = np.full(size, -1, np.int32)
+    arrived = np.full(size, -1, np.int32)  # the first run arriving at a pinch
+    for i in range(n):
+        s = _slot(keys, start_key[i], size - 1)
+        if keys[s] == -1:
+            keys[s], first[s] = start_key[i], i
+        else:
+            second[s] = i
+    successor = np.empty(n, np.int32)
+    pairs = np.empty((n // 2, 2), np.int32)
+    npairs = 0
+    for i in range(n):
+        s = _slot(keys, end_key[i], size - 1)
+        if second[s] < 0:
+            successor[i] = first[s]
+            continue
+        successor[i] = first[s] if direction[first[s]] == (direction[i] + 1) % 4 else second[s]
+        if arrived[s] < 0:
+            arrived[s] = i
+        else:
+            pairs[npairs, 0], pairs[npairs, 1] = arrived[s], i
+            npairs += 1
+    return successor, pairs[:npairs]
+
+
+@numba.njit(cache=True, nogil=True)
+def _link(start_key, end_key, direction):
+    """Ring order of runs: for each ring (sorted by its head, the run of smallest start key), the runs that
+    start a corner, from the head on. Returns those runs' indexes and each ring's count."""
+    n = len(start_key)
+    successor, pairs = _successors(start_key, end_key, direction)
+    if len(pairs):  # a ring passing one pinch twice splits into two simple rings there
+        ring = _cycles(successor)
+        for p in range(len(pairs)):
+            a, b = pairs[p, 0], pairs[p, 1]
+            if ring[a] == ring[b]:
+                successor[a], successor[b] = successor[b], successor[a]
+    ring = _cycles(successor)
+    rings = ring.max() + 1 if n else 0
+    head = np.full(rings, -1, np.int64)
+    for i in range(n):
+        r = ring[i]
+        if head[r] < 0 or start_key[i] < start_key[head[r]]:
+            head[r] = i
+    head_keys = np.empty(rings, np.int64)
+    for r in range(rings):
+        head_keys[r] = start_key[head[r]]
+    order = np.empty(n, np.int64)
+    counts = np.zeros(rings, np.int64)
+    kept = 0
+    for k, r in enumerate(np.argsort(head_keys)):
+        i = head[r]
+        previous = -1
+        while True:
+            if direction[i] != previous:
+                order[kept] = i
+                kept += 1
+                counts[k] += 1
+            previous = direction[i]
+            i = successor[i]
+            if i == head[r]:
+                break
+    return order[:kept], counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _cycles(successor):
+    ring = np.full(len(successor), -1, np.int32)
+    rings = 0
+    for start in range(len(successor)):
+        if ring[start] >= 0:
+            continue
+        i = start
+        while ring[i] < 0:
+            ring[i] = rings
+            i = successor[i]
+        rings += 1
+    return ring
+
+
+@numba.njit(cache=True, nogil=True)
+def _write_wkb(coords, ring_offsets, polygon_offsets):
+    """Polygons as little-endian WKB, one after the other: their offsets (int32) and bytes; and their bounds."""
+    polygons = len(polygon_offsets) - 1
+    offsets = np.zeros(polygons + 1, np.int32)  # a batch's WKB is far below 2 GiB
+    for p in range(polygons):
+        rings = polygon_offsets[p + 1] - polygon_offsets[p]
+        points = ring_offsets[polygon_offsets[p + 1]] - ring_offsets[polygon_offsets[p]]
+        offsets[p + 1] = offsets[p] + 9 + 4 * rings + 16 * points
+    data = np.empty(offsets[-1], np.uint8)
+    values = coords.ravel().view(np.uint8)
+    bounds = np.empty((polygons, 4))
+    for p in range(polygons):
+        at = offsets[p]
+        data[at] = 1  # little-endian
+        _put_uint32(data, at + 1, 3)  # Polygon
+        _put_uint32(data, at + 5, polygon_offsets[p + 1] - polygon_offsets[p])
+        at += 9
+        for r in range(polygon_offsets[p], polygon_offsets[p + 1]):
+            first, last = ring_offsets[r], ring_offsets[r + 1]
+            _put_uint32(data, at, last - first)
+            data[at + 4 : at + 4 + 16 * (last - first)] = values[16 * first : 16 * last]
+            at += 4 + 16 * (last - first)
+        shell = coords[ring_offsets[polygon_offsets[p]] : ring_offsets[polygon_offsets[p] + 1]]
+        bounds[p] = shell[:, 0].min(), shell[:, 1].min(), shell[:, 0].max(), shell[:, 1].max()
+    return offsets, data, bounds
+
+
+@numba.njit(cache=True, nogil=True)
+def _put_uint32(data, at, value):
+    for i in range(4):
+        data[at + i] = (value >> (8 * i)) & 255

@@ -36,25 +36,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
+import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyproj
 import shapely
 import zarr
 from affine import Affine
 from pyarrow import feather
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from geobatch import catalog
-from geobatch.polygonize import Runs, boundary_runs, polygons
+from geobatch.polygonize import Runs, WkbPolygons, boundary_runs, polygon_wkb
 from geobatch.scenes import Scene
 from geobatch.stitch import Mosaic, write_overview_chunk
 from geobatch.tiling import TileGrid, plan_tiles
 
-_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
 _CROSSING_PER_BUCKET = 512  # one trace task per this many seam-crossing objects
 _RUNS_PER_TRACE = 1_000_000  # boundary runs linked at once by a trace (but a larger object's all at once)
@@ -140,10 +140,9 @@ class Components:
     """A chunk's 4-connected components of each label; arrays are indexed by local id - 1."""
 
     local: np.ndarray  # local id per pixel, 0 for none
-    labelled: np.ndarray  # the flat indexes of the pixels in a component ...
-    labelled_ids: np.ndarray  # ... and their local ids
     codes: np.ndarray
     first: np.ndarray  # first pixel in row-major order, as a scene-wide index (row * width + col)
+    pixels: np.ndarray
 
     @property
     def count(self) -> int:
@@ -153,6 +152,10 @@ class Components:
         local = self.local
         edges = np.concatenate((local[0], local[-1], local[:, 0], local[:, -1]))
         return np.unique(edges[edges > 0])
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """The sum of ``values`` (one per pixel; NaN counts as 0) over each component."""
+        return _component_sums(self.local, self.count, values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +189,9 @@ class ObjectTable:
         at = np.searchsorted(self.ids, np.unique(ids))
         return ObjectTable(*(getattr(self, name)[at] for name in ObjectTable.__slots__))
 
-    def rows(self, plan: MosaicPlan, ids: np.ndarray, geometries: np.ndarray) -> pa.Table:
-        at = np.searchsorted(self.ids, ids)
-        return _rows(plan, ids - 1, self.codes[at], self.pixels[at], self.score_sums[at], self.areas[at], geometries)
+    def rows(self, plan: MosaicPlan, shapes: WkbPolygons) -> pa.Table:
+        at = np.searchsorted(self.ids, shapes.ids)
+        return _rows(plan, shapes.ids - 1, self.codes[at], self.pixels[at], self.score_sums[at], self.areas[at], shapes)
 
 
 def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[pa.Table]:
@@ -253,6 +256,17 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def compile_kernels() -> None:
+    """Compile the Numba kernels that every chunk task runs into Numba's cache (beside the sources), so that
+    each worker loads them rather than compiling them on its first chunk (seconds); set-up runs it."""
+    label = np.array([[1, 1, 0], [0, 2, 2]], np.uint8)
+    components = _components(label, (1, 2), (slice(0, 2), slice(0, 3)), 3)
+    for values in (label.astype(np.float32), label.astype(np.float64)):
+        components.sums(values)
+    for ids in (components.local, components.local.astype(np.int64)):  # steps 1 and 3
+        polygon_wkb(boundary_runs(np.pad(ids, 1)))
+
+
 def _chunk_slices(mosaic: Mosaic) -> dict[ChunkKey, tuple[slice, slice]]:
     """Each mosaic chunk's (row, col) position and its pixel slices: the tile cores of its grid."""
     tiles = plan_tiles(mosaic.scene_id, mosaic.shape, TileGrid(mosaic.chunk, overlap=0))
@@ -260,29 +274,71 @@ def _chunk_slices(mosaic: Mosaic) -> dict[ChunkKey, tuple[slice, slice]]:
 
 
 def _components(label: np.ndarray, codes: tuple[int, ...], where: tuple[slice, slice], width: int) -> Components:
-    """4-connected components of each code, numbered 1..n across codes (codes in order, then first pixel)."""
-    local = np.zeros(label.shape, np.int32)
-    piece_codes, firsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    labelled, labelled_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    """4-connected components of each code, numbered 1..n in the order of their first pixel."""
+    local, piece_codes, first, pixels = _label_components(np.ascontiguousarray(label), max(codes))
+    rows, cols = np.divmod(first, label.shape[1])
+    return Components(local, piece_codes, (where[0].start + rows) * width + where[1].start + cols, pixels)
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_components(label, codes):
+    """Union-find labelling of the pixels of values 1..``codes``: local ids (numbered by first pixel), and each
+    component's value, first pixel (flat index) and pixel count. Two passes over the pixels, no sort."""
+    height, width = label.shape
+    parent = np.empty(height * width + 1, np.int32)  # provisional labels' union-find forest
+    local = np.zeros((height, width), np.int32)
+    provisional = 0
+    for r in range(height):
+        for c in range(width):
+            v = label[r, c]
+            if v < 1 or v > codes:
+                continue
+            left = local[r, c - 1] if c > 0 and label[r, c - 1] == v else 0
+            up = local[r - 1, c] if r > 0 and label[r - 1, c] == v else 0
+            if left and up:
+                a, b = _root(parent, left), _root(parent, up)
+                parent[max(a, b)] = min(a, b)
+                local[r, c] = min(a, b)
+            elif left or up:
+                local[r, c] = left if left else up
+            else:
+                provisional += 1
+                parent[provisional] = provisional
+                local[r, c] = provisional
+    final = np.zeros(provisional + 1, np.int32)
     count = 0
-    for code in codes:
-        components, n = ndimage.label(label == code, structure=_FOUR_CONNECTED, output=np.int32)
-        at = np.flatnonzero(components)  # the code's pixels in row-major order
-        ids = components.ravel()[at]
-        new = np.ones(len(ids), bool)  # scipy numbers components in the order of their first pixel
-        new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
-        firsts.append(at[new])
-        ids += count
-        local.ravel()[at] = ids
-        labelled.append(at)
-        labelled_ids.append(ids)
-        piece_codes.append(np.full(n, code, np.int64))
-        count += n
-    rows, cols = np.divmod(np.concatenate(firsts), label.shape[1])
-    scene_first = (where[0].start + rows) * width + where[1].start + cols
-    return Components(
-        local, np.concatenate(labelled), np.concatenate(labelled_ids), np.concatenate(piece_codes), scene_first
-    )
+    firsts = np.empty(provisional, np.int64)
+    values = np.empty(provisional, np.int64)
+    pixels = np.zeros(provisional, np.int64)
+    for r in range(height):
+        for c in range(width):
+            if local[r, c]:
+                root = _root(parent, local[r, c])
+                if not final[root]:
+                    count += 1
+                    final[root] = count
+                    firsts[count - 1], values[count - 1] = r * width + c, label[r, c]
+                local[r, c] = final[root]
+                pixels[final[root] - 1] += 1
+    return local, values[:count], firsts[:count], pixels[:count]
+
+
+@numba.njit(cache=True, nogil=True)
+def _root(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]  # path halving
+        i = parent[i]
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def _component_sums(local, count, values):
+    sums = np.zeros(count)
+    for r in range(local.shape[0]):
+        for c in range(local.shape[1]):
+            if local[r, c] and not np.isnan(values[r, c]):
+                sums[local[r, c] - 1] += values[r, c]
+    return sums
 
 
 def _block_pieces(plan: MosaicPlan, chunks: dict[ChunkKey, tuple[slice, slice]]) -> dict[ChunkKey, BorderPieces]:
@@ -306,15 +362,14 @@ def _within(where: tuple[slice, slice], rows: slice, cols: slice) -> tuple[slice
 def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice], label, score) -> BorderPieces:
     """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
     components = _components(label, plan.codes, where, plan.width)
-    at, local, n = components.labelled, components.labelled_ids, components.count + 1
-    pixels = np.bincount(local, minlength=n)[1:]
-    score_sums = np.bincount(local, weights=np.nan_to_num(score.ravel()[at]), minlength=n)[1:]
-    areas = np.bincount(local, weights=plan.georeference.pixel_areas(*where).ravel()[at], minlength=n)[1:]
+    pixels = components.pixels
+    score_sums = components.sums(score)
+    areas = components.sums(plan.georeference.pixel_areas(*where))
     border = components.border_ids()
-    inner = np.arange(n, dtype=np.int32)
+    inner = np.arange(components.count + 1, dtype=np.int32)
     inner[border] = 0
-    ids, shapes = _polygons(plan, boundary_runs(np.pad(inner[components.local], 1), (where[0].start, where[1].start)))
-    at = ids - 1
+    shapes = _polygons(plan, boundary_runs(np.pad(inner[components.local], 1), (where[0].start, where[1].start)))
+    at = shapes.ids - 1
     rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
     _stage(rows, plan.staging / f"{key[0]}_{key[1]}.inner.arrow")
     at = border - 1
@@ -325,28 +380,29 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice], label, 
     )  # fmt: skip
 
 
-def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, geometries) -> pa.Table:
-    """Catalog rows of whole objects (Arrow, Hilbert-sorted): ids from first pixels, ``geometries`` in
+def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, shapes: WkbPolygons) -> pa.Table:
+    """Catalog rows of whole objects (Arrow, Hilbert-sorted): ids from first pixels, ``shapes`` in
     longitude/latitude (see :func:`_polygons`)."""
     rows, cols = np.divmod(first, plan.width)
-    labels = np.asarray(plan.labels, dtype=object)[np.asarray(codes, np.int64) - 1]
+    labels = pa.array(plan.labels, pa.string()).take(np.asarray(codes, np.int64) - 1)
+    object_ids = pc.binary_join_element_wise(
+        plan.scene_id, labels, pa.array(rows).cast(pa.string()), pa.array(cols).cast(pa.string()), ":"
+    )
     columns = pa.table(
         {
-            "object_id": pa.array(
-                [f"{plan.scene_id}:{lab}:{r}:{c}" for lab, r, c in zip(labels, rows, cols)], pa.string()
-            ),
-            "label": pa.array(labels, pa.string()),
+            "object_id": object_ids,
+            "label": labels,
             "score": (np.asarray(score_sums) / np.maximum(pixels, 1)).astype(np.float32),
             "pixels": np.asarray(pixels, np.int64),
             "area_m2": np.asarray(areas, np.float64),
         }
     )
-    return catalog.geoparquet_rows(columns, geometries)
+    return catalog.wkb_rows(columns, shapes.wkb, shapes.bounds)
 
 
-def _polygons(plan: MosaicPlan, runs: Runs) -> tuple[np.ndarray, np.ndarray]:
+def _polygons(plan: MosaicPlan, runs: Runs) -> WkbPolygons:
     """The objects' ids and polygons, in longitude/latitude, from their boundary runs."""
-    return polygons(runs, plan.georeference.lonlat)
+    return polygon_wkb(runs, plan.georeference.lonlat)
 
 
 def _join(chunks: dict[ChunkKey, BorderPieces], large: int) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
@@ -497,9 +553,8 @@ def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray) -> np.ndarray
     runs = boundary_runs(padded, (work.where[0].start, work.where[1].start))
     objects = work.objects
     bucket_of = objects.bucket[np.searchsorted(objects.ids, runs.ids)]
-    ids, shapes = _polygons(plan, runs.select(bucket_of < 0))
     key = work.key
-    _stage(objects.rows(plan, ids, shapes), plan.staging / f"{key[0]}_{key[1]}.border.arrow")
+    _stage(objects.rows(plan, _polygons(plan, runs.select(bucket_of < 0))), plan.staging / f"{key[0]}_{key[1]}.border.arrow")
     for bucket in np.unique(bucket_of[bucket_of >= 0]):
         runs_in = runs.select(bucket_of == bucket)
         folder = plan.staging / "runs" / str(bucket)
@@ -533,9 +588,7 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: 
     cuts = starts[np.flatnonzero(np.diff(starts // _RUNS_PER_TRACE, prepend=-1))][1:]
     traced = [_polygons(plan, runs.select(np.s_[a:b])) for a, b in zip([0, *cuts], [*cuts, len(runs)])]
     del runs
-    ids = np.concatenate([t[0] for t in traced])
-    shapes = np.concatenate([t[1] for t in traced])
-    _stage(objects.rows(plan, ids, shapes), plan.staging / "crossing" / f"{bucket}.arrow")
+    _stage(objects.rows(plan, WkbPolygons.concat(traced)), plan.staging / "crossing" / f"{bucket}.arrow")
     _release_memory()
 
 

@@ -8,7 +8,7 @@ import rasterio.features
 import shapely
 from scipy import ndimage
 
-from geobatch.polygonize import Runs, boundary_runs, polygons
+from geobatch.polygonize import Runs, boundary_runs, polygon_wkb, polygons
 
 
 def gdal_polygons(ids: np.ndarray) -> dict[int, shapely.Geometry]:
@@ -84,3 +84,16 @@ def test_runs_cut_by_chunk_seams_trace_to_the_whole_scene_polygon():
 def test_nothing_in_gives_nothing_out():
     values, shapes = polygons(boundary_runs(np.zeros((5, 5), np.int64)))
     assert len(values) == len(shapes) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_wkb_written_from_the_coordinates_is_shapely_s_wkb_of_the_same_polygons(seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 3, (30, 40)) if seed % 2 else ndimage.label(rng.random((30, 40)) < 0.5)[0]
+    runs = boundary_runs(np.pad(ids, 1))
+    lonlat = lambda xy: xy * [1e-5, -1e-5] + [-98.5, 35.2]  # noqa: E731
+    values, shapes = polygons(runs, lonlat)
+    written = polygon_wkb(runs, lonlat)
+    assert written.ids.tolist() == values.tolist()
+    assert written.wkb.to_pylist() == shapely.to_wkb(shapes).tolist()  # byte for byte, multipart regions too
+    assert np.array_equal(written.bounds, shapely.bounds(shapes))
