@@ -20,6 +20,7 @@ import rioxarray  # noqa: F401
 import shapely
 import xarray as xr
 import zarr
+from affine import Affine
 from conftest import NAIP_2010, SHARED_DATA, SPECS, open_mosaic, write_job
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
@@ -123,6 +124,26 @@ def test_seam_crossing_objects_traced_a_few_runs_at_a_time_keep_their_polygons(r
     assert shapely.equals_exact(
         shapely.normalize(np.array([again[i] for i in stored["object_id"]])), stored.geometry.normalize().to_numpy(), 0
     ).all()
+
+
+@pytest.mark.parametrize(
+    "crs, affine",
+    [
+        ("EPSG:26914", (5.0, 0, 485900.0, 0, -5.0, 5209245.0)),  # the NAIP scenes: interpolated
+        ("EPSG:32601", (30.0, 0, 150000.0, 0, -30.0, 7500000.0)),  # across the antimeridian, coarse: cells transformed
+        ("EPSG:4326", (0.001, 0, 179.5, 0, -0.001, 10.0)),  # degrees past 180
+    ],
+)
+def test_vertices_in_longitude_latitude_are_proj_s_to_a_micrometre_whatever_batch_they_come_in(crs, affine):
+    georeference = vectorize_module.Georeference(Affine(*affine), pyproj.CRS(crs).to_wkt(), "")
+    rng = np.random.default_rng(0)
+    vertices = rng.integers(0, 4000, (20_000, 2)).astype(float)
+    found = georeference.lonlat(vertices)
+    transformer = pyproj.Transformer.from_crs(crs, 4326, always_xy=True)
+    exact = np.column_stack(transformer.transform(*(Affine(*affine) @ (vertices[:, 0], vertices[:, 1]))))
+    assert np.abs(found - exact).max() <= 1e-11  # degrees: about a micrometre
+    for batch in np.array_split(np.arange(len(vertices)), [1, 10, 5000]):  # chunks and traces hold other sets
+        assert np.array_equal(georeference.lonlat(vertices[batch]), found[batch])
 
 
 def test_mosaic_is_georeferenced_for_xarray_and_rioxarray(run):
