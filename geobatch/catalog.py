@@ -93,7 +93,9 @@ def wkb_rows(columns: pa.Table, wkb: pa.Array, bounds: np.ndarray) -> pa.Table:
     if not located.all():
         unmapped = np.count_nonzero(~located & wkb.is_valid().to_numpy(zero_copy_only=False))
         if unmapped:
-            log.warning("%d geometries are empty or do not map to longitude/latitude; stored without geometry", unmapped)
+            log.warning(
+                "%d geometries are empty or do not map to longitude/latitude; stored without geometry", unmapped
+            )
         wkb = pc.if_else(pa.array(located), wkb, pa.scalar(None, wkb.type))
     order = _spatial_order(bounds)
     located, bounds = located[order], bounds[order]

@@ -623,7 +623,7 @@ def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], ov
 def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray) -> np.ndarray:
     """Step 3 for one chunk: polygonise its border objects, or stage their runs; returns its ``instance`` ids."""
     components = _components(label, plan.codes, work.where, plan.width)  # recomputed: cheaper than staging ids
-    object_of_local = np.concatenate(([0], components.first + 1))
+    object_of_local = np.concatenate(([0], components.first + 1)).astype(np.uint64)
     object_of_local[work.border_ids] = work.border_objects
     on_border = np.zeros(components.count + 1, np.int64)
     on_border[work.border_ids] = work.border_objects
@@ -636,13 +636,16 @@ def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray) -> np.ndarray
     objects = work.objects
     bucket_of = objects.bucket[np.searchsorted(objects.ids, runs.ids)]
     key = work.key
-    _stage(objects.rows(plan, _polygons(plan, runs.select(bucket_of < 0))), plan.staging / f"{key[0]}_{key[1]}.border.arrow")
+    _stage(
+        objects.rows(plan, _polygons(plan, runs.select(bucket_of < 0))),
+        plan.staging / f"{key[0]}_{key[1]}.border.arrow",
+    )
     for bucket in np.unique(bucket_of[bucket_of >= 0]):
         runs_in = runs.select(bucket_of == bucket)
         folder = plan.staging / "runs" / str(bucket)
         folder.mkdir(exist_ok=True)
         _stage(pa.table({name: getattr(runs_in, name) for name in Runs.__slots__}), folder / f"{key[0]}_{key[1]}.arrow")
-    return object_of_local[components.local].astype(np.uint64)
+    return object_of_local[components.local]
 
 
 def _stage(table: pa.Table, path: Path) -> None:

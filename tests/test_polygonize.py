@@ -91,7 +91,7 @@ def test_wkb_written_from_the_coordinates_is_shapely_s_wkb_of_the_same_polygons(
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 3, (30, 40)) if seed % 2 else ndimage.label(rng.random((30, 40)) < 0.5)[0]
     runs = boundary_runs(np.pad(ids, 1))
-    lonlat = lambda xy: xy * [1e-5, -1e-5] + [-98.5, 35.2]  # noqa: E731
+    lonlat = lambda xy: xy * [1e-5, -1e-5] + [-98.5, 35.2]
     values, shapes = polygons(runs, lonlat)
     written = polygon_wkb(runs, lonlat)
     assert written.ids.tolist() == values.tolist()
