@@ -345,8 +345,9 @@ def compile_kernels() -> None:
     components = _components(label, (1, 2), (slice(0, 2), slice(0, 3)), 3)
     for values in (label.astype(np.float32), label.astype(np.float64)):
         components.sums(values)
+    georeference = Georeference(Affine.identity(), pyproj.CRS("EPSG:4326").to_wkt(), "")
     for ids in (components.local, components.local.astype(np.int64)):  # steps 1 and 3
-        polygon_wkb(boundary_runs(np.pad(ids, 1)))
+        polygon_wkb(boundary_runs(np.pad(ids, 1)), georeference.lonlat)
 
 
 def _chunk_slices(mosaic: Mosaic) -> dict[ChunkKey, tuple[slice, slice]]:
