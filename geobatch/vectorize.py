@@ -138,7 +138,7 @@ def _cells(xy, step):
             within[i, k] = scaled - cells[i, k]
     low_col, low_row = (cells[:, 0].min(), cells[:, 1].min()) if n else (0, 0)
     width = cells[:, 0].max() - low_col + 1 if n else 0
-    number = np.full(width * (cells[:, 1].max() - low_row + 1) if n else 0, -1, np.int64)
+    number = np.full(width * (cells[:, 1].max() - low_row + 1) if n else 0, -1, np.int32)
     cell_of = np.empty(n, np.int64)
     used = np.empty((n, 2), np.int64)
     count = 0
