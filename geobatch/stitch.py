@@ -253,16 +253,18 @@ def _level_shape(mosaic: Mosaic, factor: int) -> tuple[int, int]:
     return -(-height // factor), -(-width // factor)
 
 
-def coarsen(label: np.ndarray, score: np.ndarray, instance: np.ndarray) -> tuple[np.ndarray, ...]:
-    """A block of a level on a grid twice as coarse (a partial 2 x 2 block at the right or bottom counts whole)."""
-    rows, cols = score.shape
-    padded = np.pad(score, ((0, rows % 2), (0, cols % 2)), constant_values=np.nan)
+def coarsen(name: str, values: np.ndarray) -> np.ndarray:
+    """A block of array ``name`` on a grid twice as coarse, by its ``OVERVIEW_RESAMPLING`` (a partial 2 x 2
+    block at the right or bottom counts whole)."""
+    if OVERVIEW_RESAMPLING[name] == "nearest":
+        return values[::2, ::2]
+    rows, cols = values.shape
+    padded = np.pad(values, ((0, rows % 2), (0, cols % 2)), constant_values=np.nan)
     valid = ~np.isnan(padded)
     np.putmask(padded, ~valid, 0)  # padded is a copy; np.nan_to_num is several times slower
     total, count = _block_sums(padded), _block_sums(valid.view(np.uint8))
     with np.errstate(invalid="ignore", divide="ignore"):  # an all-nodata block is NaN
-        mean = (total / count).astype(np.float32)
-    return label[::2, ::2], mean, instance[::2, ::2]
+        return (total / count).astype(np.float32)
 
 
 def _block_sums(values: np.ndarray) -> np.ndarray:
@@ -271,14 +273,13 @@ def _block_sums(values: np.ndarray) -> np.ndarray:
     return columns[0::2] + columns[1::2]
 
 
-def write_overview_chunk(
-    mosaic: Mosaic, factor: int, key: tuple[int, int], label: np.ndarray, score: np.ndarray, instance: np.ndarray
-) -> None:
-    """Write chunk ``key`` of level ``factor`` from the 2 x 2 chunks of the level before that it covers."""
+def write_overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:
+    """Write chunk ``key`` of level ``factor`` of the ``arrays`` given (by name) from the 2 x 2 chunks of the
+    level before that it covers."""
     level = zarr.open_group(mosaic.path, mode="r+")[f"overviews/{factor}"]
     rows, cols = (slice(k * mosaic.chunk, (k + 1) * mosaic.chunk) for k in key)
-    for name, values in zip(("label", "score", "instance"), coarsen(label, score, instance)):
-        level[name][rows, cols] = values
+    for name, values in arrays.items():
+        level[name][rows, cols] = coarsen(name, values)
 
 
 def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
@@ -296,4 +297,4 @@ def _overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int]) -> None:
     root = zarr.open_group(mosaic.path, mode="r")
     finer = root if factor == 2 else root[f"overviews/{factor // 2}"]
     rows, cols = (slice(2 * k * mosaic.chunk, 2 * (k + 1) * mosaic.chunk) for k in key)
-    write_overview_chunk(mosaic, factor, key, *(finer[name][rows, cols] for name in ("label", "score", "instance")))
+    write_overview_chunk(mosaic, factor, key, {name: finer[name][rows, cols] for name in OVERVIEW_RESAMPLING})

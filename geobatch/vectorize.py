@@ -3,13 +3,14 @@
 An object is a 4-connected region of one label. Work is split by mosaic chunk and run as a Dask graph,
 and the driver never holds pixels or more than one chunk's polygons:
 
-1. per chunk (a task reads 2 x 2 chunks): 4-connected components of each label, their pixel counts,
-   score and area sums, first pixels; components that do not touch the chunk's border are whole
-   objects, so their polygons and catalog rows are made and staged right there. Only the border
-   components and the chunk's four border strips go back to the driver;
+1. per chunk (a task reads 2 x 2 chunks: one chunk of overview level 2, whose ``label`` and ``score`` it
+   writes): 4-connected components of each label, their pixel counts, score and area sums, first pixels;
+   components that do not touch the chunk's border are whole objects, so their polygons and catalog
+   rows are made and staged right there. Only the border components and the chunk's four border strips
+   go back to the driver;
 2. on the driver: border components that touch across a seam with the same label are joined into
    objects (a sparse graph's connected components over the border strips: no pixels, no polygons);
-3. per 2 x 2 chunks (the source of one chunk of overview level 2, written there too): the ``instance``
+3. per 2 x 2 chunks (again one chunk of overview level 2, whose ``instance`` it writes): the ``instance``
    array is written, and the boundary runs of each chunk's border objects are extracted with the
    neighbours' ids around the chunk, so an object gets no edge along a seam it crosses. Objects within
    the chunk are polygonised there; the runs of objects that cross a seam are staged in buckets;
@@ -280,7 +281,7 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
     """Every labelled object of ``mosaic`` as catalog rows, a chunk at a time; writes its ``instance`` array.
 
     With ``overview``, also writes the mosaic's overview level 2 (declared by ``stitch.declare_overviews``)
-    from the pixels step 3 holds anyway.
+    from the pixels steps 1 and 3 hold anyway.
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
@@ -299,7 +300,10 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
         blocks.setdefault((key[0] // 2, key[1] // 2), []).append(key)
     try:
         found = dask.compute(
-            *[dask.delayed(_block_pieces)(plan, {k: chunks[k] for k in keys}) for keys in blocks.values()]
+            *[
+                dask.delayed(_block_pieces)(plan, block, {k: chunks[k] for k in keys}, mosaic if overview else None)
+                for block, keys in blocks.items()
+            ]
         )
         border = {key: pieces for block in found for key, pieces in block.items()}
         large = 4 * mosaic.chunk**2  # more than a 2 x 2 chunk task of step 3 holds
@@ -424,11 +428,16 @@ def _component_sums(local, count, values):
     return sums
 
 
-def _block_pieces(plan: MosaicPlan, chunks: dict[ChunkKey, tuple[slice, slice]]) -> dict[ChunkKey, BorderPieces]:
-    """Step 1 for a few neighbouring chunks, read together."""
+def _block_pieces(
+    plan: MosaicPlan, block: ChunkKey, chunks: dict[ChunkKey, tuple[slice, slice]], overview: Mosaic | None
+) -> dict[ChunkKey, BorderPieces]:
+    """Step 1 for the 2 x 2 chunks that make chunk ``block`` of overview level 2, read together; writes their
+    ``label`` and ``score`` there if asked (step 3 writes ``instance``)."""
     rows, cols = _bounding_slices(list(chunks.values()))
     group = zarr.open_group(plan.path, mode="r")
     label, score = group["label"][rows, cols], group["score"][rows, cols]
+    if overview is not None:
+        write_overview_chunk(overview, 2, block, {"label": label, "score": score})
     inside = {key: _within(where, rows, cols) for key, where in chunks.items()}
     return {key: _pieces(plan, key, where, label[inside[key]], score[inside[key]]) for key, where in chunks.items()}
 
@@ -608,7 +617,8 @@ class SeamWork:
 
 
 def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], overview: Mosaic | None):
-    """Step 3 for the 2 x 2 chunks that make chunk ``block`` of overview level 2, which it writes too if asked."""
+    """Step 3 for the 2 x 2 chunks that make chunk ``block`` of overview level 2; writes its ``instance`` there
+    if asked."""
     rows, cols = _bounding_slices([chunk.where for chunk in chunks])
     group = zarr.open_group(plan.path, mode="r+")
     label = group["label"][rows, cols]
@@ -618,7 +628,7 @@ def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], ov
         instance[inside] = _outlines(plan, chunk, label[inside])
     group["instance"][rows, cols] = instance  # whole chunks: aligned writes
     if overview is not None:
-        write_overview_chunk(overview, 2, block, label, group["score"][rows, cols], instance)
+        write_overview_chunk(overview, 2, block, {"instance": instance})
 
 
 def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray) -> np.ndarray:

@@ -185,7 +185,8 @@ def test_finished_mosaics_carry_overviews_down_to_one_chunk(run):
         level = xr.open_zarr(mosaic_path, group=f"overviews/{factor}", decode_coords="all", consolidated=False)
         assert level.rio.crs == base.rio.crs
         assert level.rio.transform() == base.rio.transform() @ base.rio.transform().scale(factor)
-        assert np.array_equal(level["label"].values, base["label"].values[::factor, ::factor])
+        for name in ("label", "instance"):
+            assert np.array_equal(level[name].values, base[name].values[::factor, ::factor]), name
         score = previous["score"].values
         padded = np.pad(score, ((0, score.shape[0] % 2), (0, score.shape[1] % 2)), constant_values=np.nan)
         with np.errstate(all="ignore"), warnings.catch_warnings():
