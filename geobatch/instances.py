@@ -363,7 +363,7 @@ def _polygonise(
             mask |= _staged_over(staged[key].iloc[local], box) & in_core
         ids.append(object_id)
         polygons.append(_polygon(mask, box.row_off, box.col_off))
-        areas.append(float(georeference.pixel_areas(*box.toslices())[mask].sum()))
+        areas.append(float(georeference.area_sums(mask.view(np.uint8), 1, *box.toslices())[0]))
     return list(zip(ids, georeference.to_lonlat(np.array(polygons, dtype=object)), areas))
 
 

@@ -112,8 +112,10 @@ class Georeference:
         """Geometries in scene pixel coordinates, in EPSG:4326 (longitude, latitude)."""
         return shapely.transform(pixel_geometries, self.lonlat)
 
-    def pixel_areas(self, rows: slice, cols: slice) -> np.ndarray:
-        """Each pixel's ground area in m², over a window of the scene grid."""
+    def area_sums(self, ids: np.ndarray, count: int, rows: slice, cols: slice) -> np.ndarray:
+        """The ground area in m² of the pixels of each id 1..``count`` of ``ids``, a window ``rows`` x ``cols``
+        of the scene grid: pixel areas measured at samples every ``_AREA_SAMPLE_STEP`` pixels, interpolated
+        bilinearly at each pixel and summed in one pass."""
         sample_rows, sample_cols = _samples(rows), _samples(cols)
         col, row = np.meshgrid(sample_cols, sample_rows)
         corners = [(col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1)]
@@ -121,8 +123,8 @@ class Georeference:
         xs, ys = zip(*(transformer.transform(*(self.affine @ (c.ravel(), r.ravel()))) for c, r in corners))
         xs, ys = np.array(xs) - xs[0], np.array(ys) - ys[0]  # small numbers: exact differences
         shoelace = sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4))
-        sampled = np.abs(shoelace / 2).reshape(row.shape)
-        return _interpolation(rows, sample_rows) @ sampled @ _interpolation(cols, sample_cols).T
+        sampled = np.pad(np.abs(shoelace / 2).reshape(row.shape), (0, 1), mode="edge")  # (one sample: no next)
+        return _interpolated_sums(ids, count, sampled, *_between(rows, sample_rows), *_between(cols, sample_cols))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -196,10 +198,25 @@ def _samples(span: slice) -> np.ndarray:
     return np.unique(np.append(np.arange(span.start, span.stop, _AREA_SAMPLE_STEP), span.stop - 1))
 
 
-def _interpolation(span: slice, samples: np.ndarray) -> np.ndarray:
-    """The matrix taking values at ``samples`` to linearly interpolated values at every index of ``span``."""
+def _between(span: slice, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each index of ``span``: the sample at or before it (its index) and how far on to the next one (0-1)."""
     positions = np.arange(span.start, span.stop)
-    return np.column_stack([np.interp(positions, samples, unit) for unit in np.eye(len(samples))])
+    at = np.clip(np.searchsorted(samples, positions, side="right") - 1, 0, max(len(samples) - 2, 0))
+    gaps = np.diff(samples, append=samples[-1] + 1)[at]
+    return at, (positions - samples[at]) / gaps if len(samples) > 1 else np.zeros(len(positions))
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolated_sums(ids, count, sampled, row_at, row_on, col_at, col_on):
+    sums = np.zeros(count)
+    for r in range(ids.shape[0]):
+        i, fy = row_at[r], row_on[r]
+        across = sampled[i] + fy * (sampled[i + 1] - sampled[i])  # the samples interpolated to this row
+        for c in range(ids.shape[1]):
+            if ids[r, c]:
+                j = col_at[c]
+                sums[ids[r, c] - 1] += across[j] + col_on[c] * (across[j + 1] - across[j])
+    return sums
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,10 +363,14 @@ def compile_kernels() -> None:
     """Compile the Numba kernels that every chunk task runs into Numba's cache (beside the sources), so that
     each worker loads them rather than compiling them on its first chunk (seconds); set-up runs it."""
     label = np.array([[1, 1, 0], [0, 2, 2]], np.uint8)
-    components = _components(label, (1, 2), (slice(0, 2), slice(0, 3)), 3)
-    for values in (label.astype(np.float32), label.astype(np.float64)):
-        components.sums(values)
-    georeference = Georeference(Affine.identity(), pyproj.CRS("EPSG:4326").to_wkt(), "")
+    window = (slice(0, 2), slice(0, 3))
+    components = _components(label, (1, 2), window, 3)
+    for scores in (np.zeros((2, 3), np.float32), np.zeros((2, 6), np.float32)[:, :3]):  # a chunk of a block too
+        components.sums(scores)
+    equal_area = "+proj=laea +lat_0=0 +lon_0=0 +ellps=WGS84 +units=m"
+    georeference = Georeference(Affine.identity(), pyproj.CRS("EPSG:4326").to_wkt(), equal_area)
+    for ids in (components.local, label):  # chunks' components, instance models' masks (uint8)
+        georeference.area_sums(ids, 2, *window)
     for ids in (components.local, components.local.astype(np.int64)):  # steps 1 and 3
         polygon_wkb(boundary_runs(np.pad(ids, 1)), georeference.lonlat)
 
@@ -456,7 +477,7 @@ def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice], label, 
     components = _components(label, plan.codes, where, plan.width)
     pixels = components.pixels
     score_sums = components.sums(score)
-    areas = components.sums(plan.georeference.pixel_areas(*where))
+    areas = plan.georeference.area_sums(components.local, components.count, *where)
     border = components.border_ids()
     inner = np.arange(components.count + 1, dtype=np.int32)
     inner[border] = 0
