@@ -77,12 +77,7 @@ def polygons(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None = 
     """
     if not len(runs):
         return np.zeros(0, np.int64), np.zeros(0, dtype=object)
-    rings = _ordered_rings(runs, transform)
-    if rings.one_part_each:
-        shapes = shapely.from_ragged_array(shapely.GeometryType.POLYGON, rings.coords, rings.offsets)
-        return rings.ids[rings.exterior], shapes
-    split = rings.offsets[0][1:-1]
-    return _multipart(rings.ids, rings.exterior, np.split(rings.pixel_coords, split), np.split(rings.coords, split))
+    return _shapes(_ordered_rings(runs, transform))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +104,7 @@ def polygon_wkb(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | None
         return WkbPolygons(np.zeros(0, np.int64), pa.array([], pa.binary()), np.zeros((0, 4)))
     rings = _ordered_rings(runs, transform)
     if not rings.one_part_each:  # rare (instance rasters): through shapely
-        ids, shapes = polygons(runs, transform)
+        ids, shapes = _shapes(rings)
         return WkbPolygons(ids, pa.array(shapely.to_wkb(shapes), pa.binary()), shapely.bounds(shapes))
     offsets, data, bounds = _write_wkb(np.ascontiguousarray(rings.coords, np.float64), *rings.offsets)
     wkb = pa.BinaryArray.from_buffers(pa.binary(), len(bounds), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
@@ -145,6 +140,15 @@ def _ordered_rings(runs: Runs, transform: Callable[[np.ndarray], np.ndarray] | N
     exterior = exterior[order]
     polygon_offsets = np.append(np.flatnonzero(exterior), len(order))
     return _OrderedRings(ring_ids[order], exterior, pixel_coords, coords, (ring_offsets, polygon_offsets))
+
+
+def _shapes(rings: _OrderedRings) -> tuple[np.ndarray, np.ndarray]:
+    """The regions' ids and their geometries (a Polygon, or a MultiPolygon for a region in several parts)."""
+    if rings.one_part_each:
+        shapes = shapely.from_ragged_array(shapely.GeometryType.POLYGON, rings.coords, rings.offsets)
+        return rings.ids[rings.exterior], shapes
+    split = rings.offsets[0][1:-1]
+    return _multipart(rings.ids, rings.exterior, np.split(rings.pixel_coords, split), np.split(rings.coords, split))
 
 
 def _rings(runs: Runs) -> tuple[np.ndarray, ...]:
