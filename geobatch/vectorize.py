@@ -123,7 +123,8 @@ class Georeference:
         xs, ys = zip(*(transformer.transform(*(self.affine @ (c.ravel(), r.ravel()))) for c, r in corners))
         xs, ys = np.array(xs) - xs[0], np.array(ys) - ys[0]  # small numbers: exact differences
         shoelace = sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4))
-        sampled = np.pad(np.abs(shoelace / 2).reshape(row.shape), (0, 1), mode="edge")  # (one sample: no next)
+        sampled = np.abs(shoelace / 2).reshape(row.shape)
+        sampled = np.pad(sampled, (0, 1), mode="edge")  # a window a pixel across has one sample: a next, at weight 0
         return _interpolated_sums(ids, count, sampled, *_between(rows, sample_rows), *_between(cols, sample_cols))
 
 
@@ -201,9 +202,10 @@ def _samples(span: slice) -> np.ndarray:
 def _between(span: slice, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each index of ``span``: the sample at or before it (its index) and how far on to the next one (0-1)."""
     positions = np.arange(span.start, span.stop)
-    at = np.clip(np.searchsorted(samples, positions, side="right") - 1, 0, max(len(samples) - 2, 0))
-    gaps = np.diff(samples, append=samples[-1] + 1)[at]
-    return at, (positions - samples[at]) / gaps if len(samples) > 1 else np.zeros(len(positions))
+    if len(samples) == 1:  # a window one pixel across
+        return np.zeros(len(positions), np.int64), np.zeros(len(positions))
+    at = np.clip(np.searchsorted(samples, positions, side="right") - 1, 0, len(samples) - 2)
+    return at, (positions - samples[at]) / (samples[at + 1] - samples[at])
 
 
 @numba.njit(cache=True, nogil=True)
