@@ -341,13 +341,10 @@ def _link(start_key, end_key, direction):
         r = ring[i]
         if head[r] < 0 or start_key[i] < start_key[head[r]]:
             head[r] = i
-    head_keys = np.empty(rings, np.int64)
-    for r in range(rings):
-        head_keys[r] = start_key[head[r]]
     order = np.empty(n, np.int64)
     counts = np.zeros(rings, np.int64)
     kept = 0
-    for k, r in enumerate(np.argsort(head_keys)):
+    for k, r in enumerate(np.argsort(start_key[head])):
         i = head[r]
         previous = -1
         while True:
