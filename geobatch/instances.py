@@ -50,7 +50,7 @@ from scipy.sparse.csgraph import connected_components
 from geobatch.catalog import OPTIONAL_OBJECT_COLUMNS
 from geobatch.polygonize import boundary_runs, polygons
 from geobatch.scenes import Scene
-from geobatch.stitch import LABEL_BACKGROUND, LABEL_NODATA, Mosaic, staged_mask
+from geobatch.stitch import LABEL_BACKGROUND, LABEL_NODATA, Mosaic, chunk_writer, staged_mask
 from geobatch.tiling import Tile, TileGrid, plan_tiles
 from geobatch.vectorize import Georeference
 
@@ -328,9 +328,8 @@ def _paint_chunk(store: str, staged: StagedTile, paint: pd.DataFrame) -> None:
     for local, row in paint.sort_values("rank", ascending=False).iterrows():  # the highest priority last
         piece = _staged_over(instances.iloc[local], core) & valid
         instance[piece], label[piece], score[piece] = row["id"], row["code"], row["score"]
-    group["instance"][where] = instance
-    group["label"][where] = label
-    group["score"][where] = score
+    for name, values in (("instance", instance), ("label", label), ("score", score)):
+        chunk_writer(group, name)[where] = values
 
 
 def _members(instances: pd.DataFrame) -> dict[int, list[tuple[TileKey, int]]]:

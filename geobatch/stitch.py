@@ -124,6 +124,16 @@ def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str) -
     return dataset
 
 
+def chunk_writer(group: zarr.Group, name: str) -> zarr.Array:
+    """Array ``name`` of ``group`` for writes of whole chunks, each stored as given.
+
+    Zarr by default checks that a chunk is not all fill value before storing it, comparing every pixel
+    with ``np.array_equal`` against a full copy of the fill value: a third of the cost of writing a chunk.
+    The pipeline writes only chunks that tiles cover (and their coarser levels), which rarely hold nothing.
+    """
+    return group[name].with_config({"write_empty_chunks": True})
+
+
 def compose(mosaic: Mosaic, result: TileResult, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Label and score rasters over a tile's read window from the model's instances."""
     label = np.zeros(valid.shape, np.uint8)
@@ -153,8 +163,8 @@ def write_tile(mosaic: Mosaic, tile: Tile, result: TileResult, valid: np.ndarray
         core_score = np.where(np.isnan(core_score), np.float32(np.nan), np.float32(0))
     rows, cols = tile.core_window.toslices()
     group = zarr.open_group(mosaic.path, mode="r+")
-    group["label"][rows, cols] = core_label
-    group["score"][rows, cols] = core_score
+    chunk_writer(group, "label")[rows, cols] = core_label
+    chunk_writer(group, "score")[rows, cols] = core_score
     return labelled
 
 
@@ -279,7 +289,7 @@ def write_overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], arra
     level = zarr.open_group(mosaic.path, mode="r+")[f"overviews/{factor}"]
     rows, cols = (slice(k * mosaic.chunk, (k + 1) * mosaic.chunk) for k in key)
     for name, values in arrays.items():
-        level[name][rows, cols] = coarsen(name, values)
+        chunk_writer(level, name)[rows, cols] = coarsen(name, values)
 
 
 def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:

@@ -53,7 +53,7 @@ from scipy.sparse.csgraph import connected_components
 from geobatch import catalog
 from geobatch.polygonize import Runs, WkbPolygons, boundary_runs, polygon_wkb
 from geobatch.scenes import Scene
-from geobatch.stitch import Mosaic, write_overview_chunk
+from geobatch.stitch import Mosaic, chunk_writer, write_overview_chunk
 from geobatch.tiling import TileGrid, plan_tiles
 
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
@@ -649,7 +649,7 @@ def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], ov
     for chunk in chunks:
         inside = _within(chunk.where, rows, cols)
         instance[inside] = _outlines(plan, chunk, label[inside])
-    group["instance"][rows, cols] = instance  # whole chunks: aligned writes
+    chunk_writer(group, "instance")[rows, cols] = instance  # whole chunks: aligned writes
     if overview is not None:
         write_overview_chunk(overview, 2, block, {"instance": instance})
 
