@@ -210,15 +210,16 @@ def scene_object_columns(
     Rows without a phrase get their prompt's text (``phrases``: label -> text).
     """
     n = len(rows)
-    prompt_text = pa.array([phrases.get(label) for label in rows.column("label").to_pylist()], pa.string())
+    known = pc.index_in(rows.column("label"), value_set=pa.array(list(phrases), pa.string()))
+    prompt_text = pc.take(pa.array(list(phrases.values()), pa.string()), known)  # null for a label without one
     columns = {
-        "scene_id": pa.array([scene_id] * n, pa.string()),
+        "scene_id": pa.repeat(pa.scalar(scene_id, pa.string()), n),
         "phrase": pc.coalesce(rows.column("phrase").cast(pa.string()), prompt_text)
         if "phrase" in rows.column_names
         else prompt_text,
-        "acquired_at": pa.array([acquired_at] * n, pa.timestamp("us", tz="UTC")),
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "model": pa.array([model] * n, pa.string()),
+        "acquired_at": pa.repeat(pa.scalar(acquired_at, pa.timestamp("us", tz="UTC")), n),
+        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+        "model": pa.repeat(pa.scalar(model, pa.string()), n),
     }
     optional = [name for name in OPTIONAL_OBJECT_COLUMNS if name in rows.column_names]
     names = (*OBJECT_COLUMNS, *optional, "geometry", "bbox")
@@ -241,12 +242,15 @@ def write_scene_objects(
         for batch in [geoparquet_table(objects)] if isinstance(objects, gpd.GeoDataFrame) else objects:
             months = pc.fill_null(pc.strftime(batch.column("acquired_at"), "%Y-%m"), UNDATED)
             keys = pa.table({"label": batch.column("label"), "month": months})
-            for pair in keys.group_by(["label", "month"]).aggregate([]).to_pylist():
+            pairs = keys.group_by(["label", "month"]).aggregate([]).to_pylist()
+            for pair in pairs:
                 label, month = pair["label"], pair["month"]
-                mask = pc.and_(pc.equal(keys.column("label"), label), pc.equal(months, month))
                 if (label, month) not in streams:
                     streams[label, month] = GeoParquetStream(root / label / month / f"{run_id}_{scene_id}.parquet")
-                streams[label, month].write(batch.filter(mask))
+                rows = batch
+                if len(pairs) > 1:  # a mosaic's batch is one label and month: written without a copy
+                    rows = batch.filter(pc.and_(pc.equal(keys.column("label"), label), pc.equal(months, month)))
+                streams[label, month].write(rows)
         return [streams[key].close() for key in sorted(streams)]
     except BaseException:
         for stream in streams.values():
