@@ -1,10 +1,11 @@
 """Benchmark: NDWI water -> stitched Zarr mask -> polygons on a large NAIP-like scene, end to end.
 
 Builds (once, cached in bench/.cache/) a SIZE x SIZE 4-band uint8 tiled GeoTIFF (512 px deflate blocks,
-internal overviews) by mirror-tiling four real NAIP scenes from ../shared/data/naip, then times
-`geobatch run` on it in a fresh process and samples the memory (PSS, so shared pages count once) of that
-process and all of its children (Ray's workers included): each second, and every 0.25 s while their
-resident memory (checked every 0.1 s) passes its highest yet. The floor is the same run's tile
+internal overviews) by mirror-tiling four real NAIP scenes from ../shared/data/naip, then runs
+`geobatch run` on it twice, each in a fresh process: once timed, once with the memory (PSS, so shared pages
+count once) of that process and all of its children (Ray's workers included) sampled every 0.2 s. The
+kernel walks every page table to measure PSS, which slowed the finishing phase by up to a quarter, so
+the times come from the first run and the peak from the second. The floor is the timed run's tile
 phase (read + NDWI + Zarr writes, from `run/summary.json`); the whole path adds vectorising, overviews
 and the catalog.
 
@@ -33,7 +34,6 @@ from rasterio.windows import Window
 HERE = Path(__file__).resolve().parent
 NAIP = sorted((HERE.parent.parent / "shared" / "data" / "naip").glob("*.tif"))[:4]
 BLOCK = 2048
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def build_scene(size: int, path: Path) -> Path:
@@ -78,8 +78,8 @@ def _mirror(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(period < n, period, 2 * n - 1 - period)
 
 
-def _tree(root: int) -> list[int]:
-    """``root`` and all its descendants."""
+def _tree_pss_kib(root: int) -> int:
+    """The PSS of ``root`` and all its descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -88,29 +88,10 @@ def _tree(root: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [root]
+    total, stack = 0, [root]
     while stack:
-        found.append(stack.pop())
-        stack.extend(children.get(found[-1], []))
-    return found
-
-
-def _rss_kib(pids: list[int]) -> int:
-    """Resident memory, shared pages counted in each process: a counter the kernel keeps (cheap to read)."""
-    total = 0
-    for pid in pids:
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-def _pss_kib(pids: list[int]) -> int:
-    """Proportional memory (shared pages split between the processes that map them): the kernel walks every
-    page table for it, 40 ms for a run's processes."""
-    total = 0
-    for pid in pids:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -120,7 +101,7 @@ def _pss_kib(pids: list[int]) -> int:
     return total
 
 
-def run(scene: Path, core: int, overlap: int, output: Path) -> dict:
+def run(scene: Path, core: int, overlap: int, output: Path, sample_memory: bool) -> dict:
     job = {
         "name": "bench",
         "output": str(output),
@@ -139,18 +120,11 @@ def run(scene: Path, core: int, overlap: int, output: Path) -> dict:
     peak = [0]
 
     def sample() -> None:
-        """PSS each second, and at most every 0.25 s while resident memory (read every 0.1 s) passes its
-        highest yet: measuring PSS every 0.2 s took a fifth of a CPU from the run."""
-        highest_rss, last_pss = 0, 0.0
         while process.poll() is None:
-            pids = _tree(process.pid)
-            rss, since = _rss_kib(pids), time.monotonic() - last_pss
-            if (rss > highest_rss and since >= 0.25) or since >= 1:
-                peak[0], last_pss = max(peak[0], _pss_kib(pids)), time.monotonic()
-                highest_rss = max(highest_rss, rss)
-            time.sleep(0.1)
+            peak[0] = max(peak[0], _tree_pss_kib(process.pid))
+            time.sleep(0.2)
 
-    sampler = threading.Thread(target=sample)
+    sampler = threading.Thread(target=sample if sample_memory else None)
     sampler.start()
     stdout, _ = process.communicate()
     seconds = time.perf_counter() - started
@@ -170,7 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     cache = HERE / ".cache"
     scene = build_scene(args.size, cache / f"naip_like_{args.size}.tif")
-    result = run(scene, args.core, args.overlap, cache / f"out_{args.size}_{args.core}_{args.overlap}")
+    output = cache / f"out_{args.size}_{args.core}_{args.overlap}"
+    result = run(scene, args.core, args.overlap, output, sample_memory=False)
+    sampled = run(scene, args.core, args.overlap, output, sample_memory=True)
+    result.update(peak_pss_gib=sampled["peak_pss_gib"], seconds_while_sampling_memory=sampled["seconds"])
     megapixels = args.size**2 / 1e6
     floor, whole = result["inference"], result["inference"] + result["vectorize_and_catalog"]
     result.update(
