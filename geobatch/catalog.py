@@ -210,7 +210,7 @@ def scene_object_columns(
     Rows without a phrase get their prompt's text (``phrases``: label -> text).
     """
     n = len(rows)
-    known = pc.index_in(rows.column("label"), value_set=pa.array(list(phrases), pa.string()))
+    known = pc.index_in(rows.column("label").cast(pa.string()), value_set=pa.array(list(phrases), pa.string()))
     prompt_text = pc.take(pa.array(list(phrases.values()), pa.string()), known)  # null for a label without one
     columns = {
         "scene_id": pa.repeat(pa.scalar(scene_id, pa.string()), n),

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -268,19 +269,27 @@ def coarsen(name: str, values: np.ndarray) -> np.ndarray:
     block at the right or bottom counts whole)."""
     if OVERVIEW_RESAMPLING[name] == "nearest":
         return values[::2, ::2]
-    rows, cols = values.shape
-    padded = np.pad(values, ((0, rows % 2), (0, cols % 2)), constant_values=np.nan)
-    valid = ~np.isnan(padded)
-    np.putmask(padded, ~valid, 0)  # padded is a copy; np.nan_to_num is several times slower
-    total, count = _block_sums(padded), _block_sums(valid.view(np.uint8))
-    with np.errstate(invalid="ignore", divide="ignore"):  # an all-nodata block is NaN
-        return (total / count).astype(np.float32)
+    return _block_means(np.ascontiguousarray(values, np.float32))
 
 
-def _block_sums(values: np.ndarray) -> np.ndarray:
-    """Sums over 2 x 2 blocks, as two pairwise sums of strided views (a 4-d reduction is several times slower)."""
-    columns = values[:, 0::2] + values[:, 1::2]
-    return columns[0::2] + columns[1::2]
+@numba.njit(cache=True, nogil=True)
+def _block_means(values):
+    """The mean of each 2 x 2 block's valid (not NaN) values, NaN for none: one pass, where NumPy's padding,
+    masks and strided sums took five (6 % of step 1 of vectorising, now a third of that). A partial block at the
+    right or bottom repeats its last column or row, which leaves its mean as it is."""
+    height, width = values.shape
+    means = np.empty(((height + 1) // 2, (width + 1) // 2), np.float32)
+    for i in range(means.shape[0]):
+        top, bottom = 2 * i, min(2 * i + 1, height - 1)
+        for j in range(means.shape[1]):
+            left, right = 2 * j, min(2 * j + 1, width - 1)
+            total, count = 0.0, 0
+            for value in (values[top, left], values[top, right], values[bottom, left], values[bottom, right]):
+                if not np.isnan(value):
+                    total += value
+                    count += 1
+            means[i, j] = total / count if count else np.nan
+    return means
 
 
 def write_overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:

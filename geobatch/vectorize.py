@@ -53,7 +53,7 @@ from scipy.sparse.csgraph import connected_components
 from geobatch import catalog
 from geobatch.polygonize import Runs, WkbPolygons, boundary_runs, polygon_wkb
 from geobatch.scenes import Scene
-from geobatch.stitch import Mosaic, chunk_writer, write_overview_chunk
+from geobatch.stitch import Mosaic, chunk_writer, coarsen, write_overview_chunk
 from geobatch.tiling import TileGrid, plan_tiles
 
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
@@ -376,6 +376,7 @@ def compile_kernels() -> None:
     components = _components(label, (1, 2), window, 3)
     for scores in (np.zeros((2, 3), np.float32), np.zeros((2, 6), np.float32)[:, :3]):  # a chunk of a block too
         components.sums(scores)
+    coarsen("score", np.zeros((2, 3), np.float32))  # overviews
     equal_area = "+proj=laea +lat_0=0 +lon_0=0 +ellps=WGS84 +units=m"
     georeference = Georeference(Affine.identity(), pyproj.CRS("EPSG:4326").to_wkt(), equal_area)
     for ids in (components.local, label):  # chunks' components, instance models' masks (uint8)
