@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/water_mosaic.py --size 20000 --core 1024
+	$(BIN)/python bench/plain_floor.py --size 20000 --processes 2
 
 clean:
 	rm -rf $(VENV) out
