@@ -310,6 +310,8 @@ def _successors(start_key, end_key, direction):
     npairs = 0
     for i in range(n):
         s = _slot(keys, end_key[i], size - 1)
+        if keys[s] == -1:  # else a ring walk would never get back to its head
+            raise ValueError("boundary runs that do not close into rings (some of a region's runs are missing)")
         if second[s] < 0:
             successor[i] = first[s]
             continue

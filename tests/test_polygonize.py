@@ -86,6 +86,12 @@ def test_nothing_in_gives_nothing_out():
     assert len(values) == len(shapes) == 0
 
 
+def test_runs_that_do_not_close_into_rings_are_refused_not_walked_forever():
+    runs = boundary_runs(np.pad(np.ones((3, 4), np.int64), 1))
+    with pytest.raises(ValueError, match="do not close into rings"):
+        polygon_wkb(runs.select(np.s_[:-1]))  # a region's last run lost
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_wkb_written_from_the_coordinates_is_shapely_s_wkb_of_the_same_polygons(seed):
     rng = np.random.default_rng(seed)
