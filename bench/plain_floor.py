@@ -1,7 +1,7 @@
 """Benchmark: the plain floor of the water job, without geobatch: read, NDWI, Zarr writes.
 
 Each of PROCESSES processes reads every PROCESSES-th row of 1024 px windows of the scene that
-`water_mosaic.py` builds (bands 2 and 4, rasterio), computes NDWI with NumPy, and writes `label` (uint8)
+`water_mosaic.py` builds (the same cached file; bands 2 and 4, rasterio), computes NDWI with NumPy, and writes `label` (uint8)
 and `score` (float32) chunks into a Zarr v3 store with the mosaic's codec (zstd) and fill values. What
 `geobatch run`'s tile phase adds to this is Ray, the ledger and composing labels from a model's output.
 
@@ -21,8 +21,8 @@ import numpy as np
 import rasterio
 import zarr
 from rasterio.windows import Window
+from water_mosaic import HERE, build_scene  # the same scene, built once into bench/.cache
 
-HERE = Path(__file__).resolve().parent
 CHUNK = 1024
 
 
@@ -45,9 +45,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()
-    scene = HERE / ".cache" / f"naip_like_{args.size}.tif"
-    if not scene.exists():
-        raise SystemExit(f"{scene} is missing: run bench/water_mosaic.py --size {args.size} first")
+    scene = build_scene(args.size, HERE / ".cache" / f"naip_like_{args.size}.tif")
     store = HERE / ".cache" / f"plain_{args.size}.zarr"
     shutil.rmtree(store, ignore_errors=True)
     group = zarr.open_group(store, mode="w")
