@@ -1,8 +1,9 @@
 """Benchmark: the plain floor of the water job, without geobatch: read, NDWI, Zarr writes.
 
 Each of PROCESSES processes reads every PROCESSES-th row of 1024 px windows of the scene that
-`water_mosaic.py` builds (the same cached file; bands 2 and 4, rasterio), computes NDWI with NumPy, and writes `label` (uint8)
-and `score` (float32) chunks into a Zarr v3 store with the mosaic's codec (zstd) and fill values. What
+`water_mosaic.py` builds (the same cached file; bands 2 and 4, rasterio), computes NDWI with NumPy, and
+writes `label` (uint8) and `score` (float32) chunks into a Zarr v3 store with the mosaic's codec (zstd)
+and fill values. What
 `geobatch run`'s tile phase adds to this is Ray, the ledger and composing labels from a model's output.
 
     .venv/bin/python bench/plain_floor.py --size 20000 --processes 2
