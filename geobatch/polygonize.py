@@ -44,6 +44,10 @@ class Runs:
         return Runs(*(getattr(self, f.name)[keep] for f in fields(self)))
 
     @classmethod
+    def empty(cls, count: int) -> Runs:
+        return cls(*(np.empty(count, dtype) for dtype in _RUN_DTYPES))
+
+    @classmethod
     def concat(cls, parts: Sequence[Runs]) -> Runs:
         if not parts:
             return cls(*(np.zeros(0, np.int64) for _ in fields(cls)))
@@ -62,7 +66,7 @@ def boundary_runs(padded: np.ndarray, origin: tuple[int, int] = (0, 0)) -> Runs:
         padded = padded.astype(np.int64)
     capacity = padded.size // 4  # more than enough but for a checkerboard (untouched pages cost no memory)
     while True:
-        runs = Runs(*(np.empty(capacity, dtype) for dtype in _RUN_DTYPES))
+        runs = Runs.empty(capacity)
         count = _scan_runs(padded, *origin, runs.ids, runs.x, runs.y, runs.direction, runs.length)
         if count <= capacity:
             return runs.select(np.s_[:count])
@@ -277,13 +281,11 @@ def _scan_runs(padded, row0, col0, ids, x, y, direction, length):
 
 
 @numba.njit(cache=True, nogil=True)
-def _slot(keys, key, mask):
-    """The hash table slot holding ``key``, or the empty slot where it goes (open addressing)."""
-    h = (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
-    i = np.int64(h & np.uint64(mask))
-    while keys[i] != key and keys[i] != -1:
-        i = (i + 1) & mask
-    return i
+def _starting_at(table, start_key, key, s, mask):
+    """From slot ``s`` on, the next slot of ``table`` holding a run that starts at ``key`` (-1: none left)."""
+    while table[s] != -1 and start_key[table[s]] != key:
+        s = (s + 1) & mask
+    return s if table[s] != -1 else -1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -295,31 +297,36 @@ def _successors(start_key, end_key, direction):
     size = 1
     while size < 2 * n:
         size *= 2
-    keys = np.full(size, -1, np.int64)  # a hash table of start keys (open addressing) ...
-    first = np.full(size, -1, np.int32)  # ... and the run(s) starting there
-    second = np.full(size, -1, np.int32)
-    arrived = np.full(size, -1, np.int32)  # the first run arriving at a pinch
+    mask = size - 1
+    # a hash table of the runs by start key, holding run indexes only (open addressing, the key read from
+    # ``start_key``): 4 bytes a slot, where keys and values took 20 and the largest objects have millions of runs
+    table = np.full(size, -1, np.int32)
     for i in range(n):
-        s = _slot(keys, start_key[i], size - 1)
-        if keys[s] == -1:
-            keys[s], first[s] = start_key[i], i
-        else:
-            second[s] = i
+        s = np.int64((np.uint64(start_key[i]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & mask
+        while table[s] != -1:
+            s = (s + 1) & mask
+        table[s] = i
     successor = np.empty(n, np.int32)
+    arrived = np.full(n, -1, np.int32)  # per pinch (named by its first run), the first run arriving there
     pairs = np.empty((n // 2, 2), np.int32)
     npairs = 0
     for i in range(n):
-        s = _slot(keys, end_key[i], size - 1)
-        if keys[s] == -1:  # else a ring walk would never get back to its head
+        home = np.int64((np.uint64(end_key[i]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & mask
+        s = _starting_at(table, start_key, end_key[i], home, mask)
+        if s < 0:  # else a ring walk would never get back to its head
             raise ValueError("boundary runs that do not close into rings (some of a region's runs are missing)")
-        if second[s] < 0:
-            successor[i] = first[s]
+        first = table[s]
+        other = _starting_at(table, start_key, end_key[i], (s + 1) & mask, mask)
+        if other < 0:
+            successor[i] = first
             continue
-        successor[i] = first[s] if direction[first[s]] == (direction[i] + 1) % 4 else second[s]
-        if arrived[s] < 0:
-            arrived[s] = i
+        second = table[other]
+        successor[i] = first if direction[first] == (direction[i] + 1) % 4 else second
+        pinch = min(first, second)
+        if arrived[pinch] < 0:
+            arrived[pinch] = i
         else:
-            pairs[npairs, 0], pairs[npairs, 1] = arrived[s], i
+            pairs[npairs, 0], pairs[npairs, 1] = arrived[pinch], i
             npairs += 1
     return successor, pairs[:npairs]
 

@@ -60,7 +60,7 @@ _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area 
 _LONLAT_STEP = 32  # pixels between the grid nodes where longitude and latitude are exact (Georeference.lonlat)
 _LONLAT_TOLERANCE = 1e-11  # degrees (about a micrometre) that interpolated longitudes and latitudes may be off
 _CROSSING_PER_BUCKET = 512  # one trace task per this many seam-crossing objects
-_RUNS_PER_TRACE = 1_000_000  # boundary runs linked at once by a trace (but a larger object's all at once)
+_RUNS_PER_TRACE = 250_000  # boundary runs linked at once by a trace (but a larger object's all at once)
 _CROSSING_BUCKETS = 8  # trace tasks at least, to spread the work over the workers
 
 ChunkKey = tuple[int, int]
@@ -720,23 +720,36 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: 
     """Step 4: link the staged runs of one bucket's seam-crossing objects into their polygons; stage the rows.
 
     Objects are traced a group at a time, a group being one object or objects of at most
-    ``_RUNS_PER_TRACE`` runs in all: a trace holds about 100 bytes per run. ``after`` is the result of
-    the trace this one waits for (a Dask dependency).
+    ``_RUNS_PER_TRACE`` runs in all: linking holds about 60 bytes per run, beside the runs' 33. ``after``
+    is the result of the trace this one waits for (a Dask dependency).
     """
     folder = plan.staging / "runs" / str(bucket)
-    files = sorted(folder.glob("*.arrow")) if folder.is_dir() else []
-    runs = Runs.concat([_staged_runs(feather.read_table(f)) for f in files])
-    runs = runs.select(np.argsort(runs.ids, kind="stable"))
-    starts = np.flatnonzero(np.diff(runs.ids, prepend=-1))  # each object's first run
-    cuts = starts[np.flatnonzero(np.diff(starts // _RUNS_PER_TRACE, prepend=-1))][1:]
+    runs = _staged_runs(sorted(folder.glob("*.arrow")) if folder.is_dir() else [])
+    cuts = []
+    if len(runs) > _RUNS_PER_TRACE and len(objects.ids) > 1:  # in groups: each object's runs together
+        order = np.argsort(runs.ids, kind="stable")
+        for name in Runs.__slots__:  # in place, a field at a time: a copy of all of them is 33 bytes a run
+            getattr(runs, name)[:] = getattr(runs, name)[order]
+        del order
+        starts = np.flatnonzero(np.diff(runs.ids, prepend=-1))  # each object's first run
+        cuts = starts[np.flatnonzero(np.diff(starts // _RUNS_PER_TRACE, prepend=-1))][1:]
     traced = [_polygons(plan, runs.select(np.s_[a:b])) for a, b in zip([0, *cuts], [*cuts, len(runs)])]
     del runs
     _stage(objects.rows(plan, WkbPolygons.concat(traced)), plan.staging / "crossing" / f"{bucket}.arrow")
     _release_memory()
 
 
-def _staged_runs(table: pa.Table) -> Runs:
-    return Runs(*(table[name].to_numpy() for name in Runs.__slots__))
+def _staged_runs(files: list[Path]) -> Runs:
+    """The runs staged in ``files``, copied into one set of arrays from the files memory-mapped one at a
+    time, so that memory holds each run once."""
+    runs = Runs.empty(sum(feather.read_table(f, memory_map=True).num_rows for f in files))
+    at = 0
+    for f in files:
+        table = feather.read_table(f, memory_map=True)
+        for name in Runs.__slots__:
+            getattr(runs, name)[at : at + len(table)] = table[name].to_numpy()
+        at += len(table)
+    return runs
 
 
 def _release_memory() -> None:

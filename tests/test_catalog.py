@@ -235,6 +235,10 @@ def test_a_scene_written_in_batches_streams_row_groups_with_exact_file_metadata(
         assert geo["geometry_types"] == sorted(set(part.geom_type))
         metadata = pq.ParquetFile(path).metadata
         assert metadata.num_row_groups == -(-len(part) // catalog.ROW_GROUP_ROWS)  # whole groups as rows arrive
+        columns = metadata.row_group(0).to_dict()["columns"]
+        with_statistics = {c["path_in_schema"] for c in columns if c["statistics"] is not None}
+        assert {"bbox.xmin", "bbox.ymax", "score", "area_m2"} <= with_statistics  # what queries prune by
+        assert "geometry" not in with_statistics  # a WKB's minimum says nothing, and costs copies of the largest
 
 
 def test_rows_of_large_objects_make_short_row_groups(tmp_path, monkeypatch):
