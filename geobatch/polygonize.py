@@ -281,6 +281,12 @@ def _scan_runs(padded, row0, col0, ids, x, y, direction, length):
 
 
 @numba.njit(cache=True, nogil=True)
+def _home(key, mask):
+    """The first slot tried for ``key`` in a hash table of ``mask + 1`` slots (Fibonacci hashing)."""
+    return np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & mask
+
+
+@numba.njit(cache=True, nogil=True)
 def _starting_at(table, start_key, key, s, mask):
     """From slot ``s`` on, the next slot of ``table`` holding a run that starts at ``key`` (-1: none left)."""
     while table[s] != -1 and start_key[table[s]] != key:
@@ -302,7 +308,7 @@ def _successors(start_key, end_key, direction):
     # ``start_key``): 4 bytes a slot, where keys and values took 20 and the largest objects have millions of runs
     table = np.full(size, -1, np.int32)
     for i in range(n):
-        s = np.int64((np.uint64(start_key[i]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & mask
+        s = _home(start_key[i], mask)
         while table[s] != -1:
             s = (s + 1) & mask
         table[s] = i
@@ -311,8 +317,7 @@ def _successors(start_key, end_key, direction):
     pairs = np.empty((n // 2, 2), np.int32)
     npairs = 0
     for i in range(n):
-        home = np.int64((np.uint64(end_key[i]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & mask
-        s = _starting_at(table, start_key, end_key[i], home, mask)
+        s = _starting_at(table, start_key, end_key[i], _home(end_key[i], mask), mask)
         if s < 0:  # else a ring walk would never get back to its head
             raise ValueError("boundary runs that do not close into rings (some of a region's runs are missing)")
         first = table[s]
