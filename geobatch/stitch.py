@@ -30,21 +30,22 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask
-import dask.array as da
 import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import rioxarray  # noqa: F401  (registers the .rio accessor)
-import xarray as xr
 import zarr
 from affine import Affine
 
 from geobatch.models.base import ObjectKind, TileResult
 from geobatch.scenes import Scene
 from geobatch.tiling import Tile, TileGrid
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 LABEL_BACKGROUND = 0
 LABEL_NODATA = 255
@@ -111,6 +112,7 @@ def create_mosaic(
 
 def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str) -> xr.Dataset:
     """A lazy dataset of the mosaic's arrays, all fill values, on a grid (coordinates, CRS, chunking)."""
+    da, xr = _declaring_libraries()
     height, width = shape
     coords = {
         "y": affine.f + affine.e * (np.arange(height) + 0.5),
@@ -123,6 +125,16 @@ def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str) -
     for name, (_, fill) in _ARRAYS.items():
         dataset[name].encoding.update({"fill_value": fill, "chunks": (chunk, chunk)})
     return dataset
+
+
+def _declaring_libraries():
+    """dask.array and xarray (with rioxarray's ``.rio``), imported only where mosaics are declared, on the
+    driver: they are a second of CPU that every Ray worker would spend starting up."""
+    import dask.array
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray
+
+    return dask.array, xarray
 
 
 def chunk_writer(group: zarr.Group, name: str) -> zarr.Array:
@@ -236,6 +248,7 @@ def declare_overviews(mosaic: Mosaic) -> list[int]:
     ``(i, j)`` of a level is made from the 2 x 2 chunks ``(2i..2i+1, 2j..2j+1)`` of the level before, so
     every level is written chunk by chunk (:func:`write_overview_chunk`, :func:`compute_overviews`).
     """
+    _, xr = _declaring_libraries()
     base = xr.open_zarr(mosaic.path, decode_coords="all", consolidated=False)
     factors = overview_factors(mosaic)
     for factor in factors:
