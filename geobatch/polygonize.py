@@ -43,6 +43,9 @@ class Runs:
     def select(self, keep: np.ndarray) -> Runs:
         return Runs(*(getattr(self, f.name)[keep] for f in fields(self)))
 
+    def table(self) -> pa.Table:
+        return pa.table({f.name: getattr(self, f.name) for f in fields(self)})
+
     @classmethod
     def empty(cls, count: int) -> Runs:
         return cls(*(np.empty(count, dtype) for dtype in _RUN_DTYPES))

@@ -1,33 +1,36 @@
 """Vectorising: a scene mosaic's labelled regions become polygons, each object exactly once.
 
-An object is a 4-connected region of one label. Work is split by mosaic chunk and run as a Dask graph,
-and the driver never holds pixels or more than one chunk's polygons:
+An object is a 4-connected region of one label. Work is split into blocks of 2 x 2 mosaic chunks (one
+chunk of overview level 2 each) and run as a Dask graph, and the driver never holds pixels or more than
+one block's polygons:
 
-1. per chunk (a task reads 2 x 2 chunks: one chunk of overview level 2, whose ``label`` and ``score`` it
-   writes): 4-connected components of each label, their pixel counts, score and area sums, first pixels;
-   components that do not touch the chunk's border are whole objects, so their polygons and catalog
-   rows are made and staged right there. Only the border components and the chunk's four border strips
-   go back to the driver;
-2. on the driver: border components that touch across a seam with the same label are joined into
-   objects (a sparse graph's connected components over the border strips: no pixels, no polygons);
-3. per 2 x 2 chunks (again one chunk of overview level 2, whose ``instance`` it writes): the ``instance``
-   array is written, and the boundary runs of each chunk's border objects are extracted with the
-   neighbours' ids around the chunk, so an object gets no edge along a seam it crosses. Objects within
-   the chunk are polygonised there; the runs of objects that cross a seam are staged in buckets;
-4. per bucket of seam-crossing objects: the runs of each, gathered from every chunk it touches, are
-   linked into rings (:mod:`geobatch.polygonize`) and their rows staged. Objects larger than 2 x 2
-   chunks have a bucket each and are traced one after another, the others are spread evenly; the
-   driver writes the chunks' rows meanwhile.
+1. per block: 4-connected components of each label, their pixel counts, score and area sums, first
+   pixels, and their boundary runs, framed by the labels just outside the block: an edge along the
+   block's border is left out where the same label lies across it, so every run is one the object has.
+   Components with no such edge (the labels around say so) are whole objects: their polygons and
+   catalog rows are made and staged right there. The others, pieces of objects that cross the block's
+   border, stage their runs; only they and the block's four border strips go back to the driver. The
+   block's ``label`` and ``score`` are written to overview level 2;
+2. on the driver: pieces that touch across a block seam are joined into objects (a sparse graph's
+   connected components over the border strips: no pixels, no polygons), and the objects are put in
+   tracing buckets;
+3. per block: the ``instance`` array is written (the components again, each piece named by its object),
+   and the staged runs of the block's pieces are renamed by object and sorted into their buckets;
+4. per bucket: the runs of each object, gathered from every block it touches, are linked into rings
+   (:mod:`geobatch.polygonize`) and their rows staged. Objects larger than a block have a bucket each and
+   are traced one after another, the others are spread evenly; the driver writes the blocks' rows
+   meanwhile.
 
 Every polygon thus follows its object's pixel edges exactly and is the same for any tiling. An object's
 id is its first pixel in row-major order (``row * width + col``, plus one in the ``instance`` array), so
-ids are the same for any tile size and on every rerun, and a chunk can name its own objects.
+ids are the same for any tile size and on every rerun, and a block can name its own objects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import heapq
 import shutil
@@ -63,7 +66,7 @@ _CROSSING_PER_BUCKET = 512  # one trace task per this many seam-crossing objects
 _RUNS_PER_TRACE = 250_000  # boundary runs linked at once by a trace (but a larger object's all at once)
 _CROSSING_BUCKETS = 8  # trace tasks at least, to spread the work over the workers
 
-ChunkKey = tuple[int, int]
+BlockKey = tuple[int, int]  # a block of 2 x 2 mosaic chunks: (row, col) among blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,7 @@ class Georeference:
         at 3 x 3 nodes from its cell's corner where that is within ``_LONLAT_TOLERANCE`` of PROJ at the
         cell's centre, and transformed by PROJ in the other cells (too curved, across the antimeridian,
         off the CRS's domain). Which of the two a point gets, and its value, depend on its cell alone, so a
-        vertex gets the same coordinates in every chunk, trace and tiling.
+        vertex gets the same coordinates in every block, trace and tiling.
         """
         cell_of, used, within = _cells(xy, _LONLAT_STEP)
         offsets = np.array([*((c, r) for r in range(3) for c in range(3)), (0.5, 0.5)])
@@ -223,7 +226,7 @@ def _interpolated_sums(ids, count, sampled, row_at, row_on, col_at, col_on):
 
 @dataclass(frozen=True, slots=True)
 class MosaicPlan:
-    """What every chunk task needs to know about the mosaic it vectorises."""
+    """What every block task needs to know about the mosaic it vectorises."""
 
     path: str
     scene_id: str
@@ -239,7 +242,7 @@ class MosaicPlan:
 
 @dataclass(frozen=True, slots=True)
 class Components:
-    """A chunk's 4-connected components of each label; arrays are indexed by local id - 1."""
+    """A block's 4-connected components of each label; arrays are indexed by local id - 1."""
 
     local: np.ndarray  # local id per pixel, 0 for none
     codes: np.ndarray
@@ -250,26 +253,25 @@ class Components:
     def count(self) -> int:
         return len(self.codes)
 
-    def border_ids(self) -> np.ndarray:
-        local = self.local
-        edges = np.concatenate((local[0], local[-1], local[:, 0], local[:, -1]))
-        return np.unique(edges[edges > 0])
-
     def sums(self, values: np.ndarray) -> np.ndarray:
         """The sum of ``values`` (one per pixel; NaN counts as 0) over each component."""
         return _component_sums(self.local, self.count, values)
 
-    def framed(self, ids: np.ndarray, halo: tuple = (None, None, None, None)) -> np.ndarray:
-        """Each pixel's ``ids[local id]`` (``ids[0]`` for none), inside a one-pixel frame of what lies around
-        the chunk, as :func:`boundary_runs` takes it: the ``halo`` rows and columns (top, bottom, left, right;
-        None for zeros). One pass, where a gather and ``np.pad`` made two copies."""
-        sides = (np.zeros(0) if h is None else h for h in halo)  # as writable int64: one compiled kernel
-        return _framed(self.local, ids.astype(np.int64, copy=False), *(np.require(h, np.int64, "CW") for h in sides))
+    def framed(self, label: np.ndarray, halo: tuple) -> np.ndarray:
+        """The local ids inside a one-pixel frame, as :func:`boundary_runs` takes them: a frame pixel holds the
+        id of the pixel it touches where ``halo`` (the labels just outside the block: top, bottom, left,
+        right; None at the mosaic's edge) has that pixel's label, so no edge is made where the object goes
+        on, and 0 elsewhere."""
+        sides = (np.zeros(0, label.dtype) if h is None else h for h in halo)
+        frame = np.empty((label.shape[0] + 2, label.shape[1] + 2), self.local.dtype)  # huge pages: see _scratch
+        _framed(frame, self.local, label, *(np.require(h, label.dtype, "C") for h in sides))
+        return frame
 
 
 @dataclass(frozen=True, slots=True)
 class BorderPieces:
-    """The components of one chunk that touch its border (arrays in ``ids`` order), and its border strips."""
+    """The components of one block that go on across its border (arrays in ``ids`` order), and its border
+    strips: the local ids of the pieces along each side (0 where nothing goes on across)."""
 
     ids: np.ndarray  # local ids
     codes: np.ndarray
@@ -277,22 +279,33 @@ class BorderPieces:
     score_sums: np.ndarray
     areas: np.ndarray
     first: np.ndarray
-    top: np.ndarray  # local ids along the chunk's four borders
+    top: np.ndarray
     bottom: np.ndarray
     left: np.ndarray
     right: np.ndarray
 
+    @classmethod
+    def of(cls, components: Components, score_sums, areas, frame: np.ndarray) -> BorderPieces:
+        strips = frame[0, 1:-1], frame[-1, 1:-1], frame[1:-1, 0], frame[1:-1, -1]
+        ids = np.unique(np.concatenate(strips))
+        ids = ids[ids > 0]
+        at = ids - 1
+        return cls(
+            ids, components.codes[at], components.pixels[at], score_sums[at], areas[at], components.first[at],
+            *(strip.copy() for strip in strips),
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectTable:
-    """Joined objects made of border pieces, indexed by object id (first pixel + 1)."""
+    """Objects joined from border pieces, indexed by object id (first pixel + 1)."""
 
     ids: np.ndarray
     codes: np.ndarray
     pixels: np.ndarray
     score_sums: np.ndarray
     areas: np.ndarray
-    bucket: np.ndarray  # made of pieces of several chunks: the bucket that traces it (step 4); else -1
+    bucket: np.ndarray  # the bucket that traces it (step 4)
 
     def subset(self, ids: np.ndarray) -> ObjectTable:
         at = np.searchsorted(self.ids, np.unique(ids))
@@ -304,63 +317,44 @@ class ObjectTable:
 
 
 def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[pa.Table]:
-    """Every labelled object of ``mosaic`` as catalog rows, a chunk at a time; writes its ``instance`` array.
+    """Every labelled object of ``mosaic`` as catalog rows, a block at a time; writes its ``instance`` array.
 
     With ``overview``, also writes the mosaic's overview level 2 (declared by ``stitch.declare_overviews``)
     from the pixels steps 1 and 3 hold anyway.
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
-    row-major chunk order, then the seam-crossing objects (traced while the chunks' batches are taken).
+    row-major block order, then the seam-crossing objects (traced while the blocks' batches are taken).
     Runs on the current Dask scheduler; each task opens the store by path itself. Staged files live beside
     the mosaic until the last batch is taken.
     """
     staging = Path(mosaic.path).with_name(f"{mosaic.scene_id}.vectors.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    for folder in ("runs", "crossing"):
+    for folder in ("pieces", "runs", "crossing"):
         (staging / folder).mkdir(parents=True)
     plan = MosaicPlan(mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, Georeference.of(scene), staging)
-    chunks = _chunk_slices(mosaic)
-    blocks: dict[ChunkKey, list[ChunkKey]] = {}
-    for key in chunks:  # 2 x 2 chunks: one task each (and the part of the mosaic that makes a chunk of overview 2)
-        blocks.setdefault((key[0] // 2, key[1] // 2), []).append(key)
+    blocks = _block_slices(mosaic)
+    overview_of = mosaic if overview else None
     try:
-        found = dask.compute(
-            *[
-                dask.delayed(_block_pieces)(plan, block, {k: chunks[k] for k in keys}, mosaic if overview else None)
-                for block, keys in blocks.items()
-            ]
-        )
-        border = {key: pieces for block in found for key, pieces in block.items()}
-        large = 4 * mosaic.chunk**2  # more than a 2 x 2 chunk task of step 3 holds
+        found = dask.compute(*[dask.delayed(_pieces)(plan, key, where, overview_of) for key, where in blocks.items()])
+        border = dict(zip(blocks, found))
+        large = 4 * mosaic.chunk**2  # more pixels than a block
         objects, object_of = _join(border, large)
         buckets = int(objects.bucket.max(initial=-1)) + 1
-        work = {
-            key: SeamWork(
-                key,
-                where,
-                border[key].ids,
-                object_of[key],
-                objects.subset(object_of[key]),
-                _halo(key, border, object_of),
-            )
-            for key, where in chunks.items()
-        }
-        outlines = [
-            dask.delayed(_outline_block)(plan, block, [work[key] for key in keys], mosaic if overview else None)
-            for block, keys in blocks.items()
-        ]
-        dask.compute(*outlines)
+        work = {key: PieceObjects(border[key].ids, object_of[key], objects.subset(object_of[key])) for key in blocks}
+        dask.compute(
+            *[dask.delayed(_instances)(plan, key, where, work[key], overview_of) for key, where in blocks.items()]
+        )
         traced, after = [], None
         for bucket in range(buckets):
             members = objects.subset(objects.ids[objects.bucket == bucket])
             alone = len(members.ids) == 1 and members.pixels[0] > large  # the large objects, one at a time
             traced.append(dask.delayed(_trace_crossing)(plan, members, bucket, after if alone else None))
             after = traced[-1] if alone else after
-        with ThreadPoolExecutor(1) as background:  # the workers trace while the caller takes the chunks' rows
+        with ThreadPoolExecutor(1) as background:  # the workers trace while the caller takes the blocks' rows
             tracing = background.submit(dask.compute, *traced)
-            for key in chunks:
-                yield pa.concat_tables([feather.read_table(p) for p in _staged_rows(staging, key)])
+            for key in blocks:
+                yield feather.read_table(_staged_rows(staging, key))
             tracing.result()
         for bucket in range(buckets):
             yield feather.read_table(staging / "crossing" / f"{bucket}.arrow")
@@ -369,43 +363,52 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
 
 
 def compile_kernels() -> None:
-    """Compile the Numba kernels that every chunk task runs into Numba's cache (beside the sources), so that
-    each worker loads them rather than compiling them on its first chunk (seconds); set-up runs it."""
+    """Compile the Numba kernels that every block task runs into Numba's cache (beside the sources), so that
+    each worker loads them rather than compiling them on its first block (seconds); set-up runs it."""
     label = np.array([[1, 1, 0], [0, 2, 2]], np.uint8)
     window = (slice(0, 2), slice(0, 3))
     components = _components(label, (1, 2), window, 3)
-    for scores in (np.zeros((2, 3), np.float32), np.zeros((2, 6), np.float32)[:, :3]):  # a chunk of a block too
-        components.sums(scores)
+    components.sums(np.zeros((2, 3), np.float32))
     coarsen("score", np.zeros((2, 3), np.float32))  # overviews
     equal_area = "+proj=laea +lat_0=0 +lon_0=0 +ellps=WGS84 +units=m"
     georeference = Georeference(Affine.identity(), pyproj.CRS("EPSG:4326").to_wkt(), equal_area)
-    for ids in (components.local, label):  # chunks' components, instance models' masks (uint8)
+    for ids in (components.local, label):  # blocks' components, instance models' masks (uint8)
         georeference.area_sums(ids, 2, *window)
-    halo = (np.zeros(3, np.int64), None, np.zeros(2, np.int64), None)  # steps 1 and 3 (around a chunk)
-    for framed in (components.framed(np.arange(3)), components.framed(np.arange(3), halo)):
+    halo = (np.full(3, 3, np.uint8), None, np.full(2, 3, np.uint8), None)  # a label the block has not: closed
+    for framed in (components.framed(label, halo), np.pad(label.astype(np.int64), 1)):  # blocks, instance masks
         polygon_wkb(boundary_runs(framed), georeference.lonlat)
 
 
-def _chunk_slices(mosaic: Mosaic) -> dict[ChunkKey, tuple[slice, slice]]:
-    """Each mosaic chunk's (row, col) position and its pixel slices: the tile cores of its grid."""
-    tiles = plan_tiles(mosaic.scene_id, mosaic.shape, TileGrid(mosaic.chunk, overlap=0))
+def _block_slices(mosaic: Mosaic) -> dict[BlockKey, tuple[slice, slice]]:
+    """Each block's position (row, col) and its pixel slices: 2 x 2 mosaic chunks (fewer at the mosaic's
+    right and bottom edges), the part of the mosaic that makes a chunk of overview level 2."""
+    tiles = plan_tiles(mosaic.scene_id, mosaic.shape, TileGrid(2 * mosaic.chunk, overlap=0))
     return {(tile.row, tile.col): tile.core_window.toslices() for tile in tiles}
 
 
 def _components(label: np.ndarray, codes: tuple[int, ...], where: tuple[slice, slice], width: int) -> Components:
     """4-connected components of each code, numbered 1..n in the order of their first pixel."""
-    local, piece_codes, first, pixels = _label_components(np.ascontiguousarray(label), max(codes))
+    local, piece_codes, first, pixels = _label_components(np.ascontiguousarray(label), max(codes), *_scratch(label))
     rows, cols = np.divmod(first, label.shape[1])
     return Components(local, piece_codes, (where[0].start + rows) * width + where[1].start + cols, pixels)
 
 
+def _scratch(label: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays that :func:`_label_components` fills, a block's size each. NumPy allocates them: it asks for
+    huge pages, where Numba's own allocations took a fault per 4 KiB page (a third of labelling a block)."""
+    return np.empty(label.size + 1, np.int32), np.empty(label.size + 1, np.int64), np.zeros(label.shape, np.int32)
+
+
 @numba.njit(cache=True, nogil=True)
-def _label_components(label, codes):
+def _label_components(label, codes, parent, start, local):
     """Union-find labelling of the pixels of values 1..``codes``: local ids (numbered by first pixel), and each
-    component's value, first pixel (flat index) and pixel count. Two passes over the pixels, no sort."""
-    height, width = label.shape
-    parent = np.empty(height * width + 1, np.int32)  # provisional labels' union-find forest
-    local = np.zeros((height, width), np.int32)
+    component's value, first pixel (flat index) and pixel count. Two passes over the pixels, no sort.
+
+    A union makes the larger root a child of the smaller, so a provisional label's parent is always smaller
+    and a component's root is the label made at its first pixel: one pass over the labels in order then
+    numbers the components by first pixel and names every label's component.
+    """
+    height, width = label.shape  # parent: provisional labels' union-find forest; start: where each was made
     provisional = 0
     for r in range(height):
         for c in range(width):
@@ -422,24 +425,26 @@ def _label_components(label, codes):
                 local[r, c] = left if left else up
             else:
                 provisional += 1
-                parent[provisional] = provisional
+                parent[provisional], start[provisional] = provisional, r * width + c
                 local[r, c] = provisional
     final = np.zeros(provisional + 1, np.int32)
-    count = 0
     firsts = np.empty(provisional, np.int64)
     values = np.empty(provisional, np.int64)
-    pixels = np.zeros(provisional, np.int64)
+    count = 0
+    for p in range(1, provisional + 1):
+        if parent[p] == p:
+            firsts[count], values[count] = start[p], label[start[p] // width, start[p] % width]
+            count += 1
+            final[p] = count
+        else:
+            final[p] = final[parent[p]]  # named already: the parent is smaller
+    pixels = np.zeros(count, np.int64)
     for r in range(height):
         for c in range(width):
             if local[r, c]:
-                root = _root(parent, local[r, c])
-                if not final[root]:
-                    count += 1
-                    final[root] = count
-                    firsts[count - 1], values[count - 1] = r * width + c, label[r, c]
-                local[r, c] = final[root]
-                pixels[final[root] - 1] += 1
-    return local, values[:count], firsts[:count], pixels[:count]
+                local[r, c] = final[local[r, c]]
+                pixels[local[r, c] - 1] += 1
+    return local, values[:count], firsts[:count], pixels
 
 
 @numba.njit(cache=True, nogil=True)
@@ -451,22 +456,20 @@ def _root(parent, i):
 
 
 @numba.njit(cache=True, nogil=True)
-def _framed(local, ids, top, bottom, left, right):
+def _framed(frame, local, label, top, bottom, left, right):
     height, width = local.shape
-    frame = np.empty((height + 2, width + 2), np.int64)
     frame[0], frame[-1], frame[:, 0], frame[:, -1] = 0, 0, 0, 0
+    frame[1:-1, 1:-1] = local
+    for c in range(width):
+        if len(top) and top[c] == label[0, c]:
+            frame[0, c + 1] = local[0, c]
+        if len(bottom) and bottom[c] == label[-1, c]:
+            frame[-1, c + 1] = local[-1, c]
     for r in range(height):
-        for c in range(width):
-            frame[r + 1, c + 1] = ids[local[r, c]]
-    if len(top):
-        frame[0, 1:-1] = top
-    if len(bottom):
-        frame[-1, 1:-1] = bottom
-    if len(left):
-        frame[1:-1, 0] = left
-    if len(right):
-        frame[1:-1, -1] = right
-    return frame
+        if len(left) and left[r] == label[r, 0]:
+            frame[r + 1, 0] = local[r, 0]
+        if len(right) and right[r] == label[r, -1]:
+            frame[r + 1, -1] = local[r, -1]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -479,48 +482,43 @@ def _component_sums(local, count, values):
     return sums
 
 
-def _block_pieces(
-    plan: MosaicPlan, block: ChunkKey, chunks: dict[ChunkKey, tuple[slice, slice]], overview: Mosaic | None
-) -> dict[ChunkKey, BorderPieces]:
-    """Step 1 for the 2 x 2 chunks that make chunk ``block`` of overview level 2, read together; writes their
-    ``label`` and ``score`` there if asked (step 3 writes ``instance``)."""
-    rows, cols = _bounding_slices(list(chunks.values()))
+def _pieces(plan: MosaicPlan, key: BlockKey, where: tuple[slice, slice], overview: Mosaic | None) -> BorderPieces:
+    """Step 1 for one block: stage its whole objects as catalog rows and its border pieces' runs; return its
+    border pieces. Writes the block's ``label`` and ``score`` to overview level 2 if asked."""
     group = zarr.open_group(plan.path, mode="r")
-    label, score = group["label"][rows, cols], group["score"][rows, cols]
+    label, score = group["label"][where], group["score"][where]
     if overview is not None:
-        write_overview_chunk(overview, 2, block, {"label": label, "score": score})
-    inside = {key: _within(where, rows, cols) for key, where in chunks.items()}
-    return {key: _pieces(plan, key, where, label[inside[key]], score[inside[key]]) for key, where in chunks.items()}
-
-
-def _bounding_slices(windows: list[tuple[slice, slice]]) -> tuple[slice, slice]:
-    return tuple(slice(min(w[i].start for w in windows), max(w[i].stop for w in windows)) for i in (0, 1))
-
-
-def _within(where: tuple[slice, slice], rows: slice, cols: slice) -> tuple[slice, slice]:
-    """``where`` relative to the window ``rows`` x ``cols`` that holds it."""
-    return tuple(slice(w.start - origin, w.stop - origin) for w, origin in zip(where, (rows.start, cols.start)))
-
-
-def _pieces(plan: MosaicPlan, key: ChunkKey, where: tuple[slice, slice], label, score) -> BorderPieces:
-    """Step 1: stage the chunk's whole objects as catalog rows; return its border pieces."""
+        write_overview_chunk(overview, 2, key, {"label": label, "score": score})
     components = _components(label, plan.codes, where, plan.width)
-    pixels = components.pixels
     score_sums = components.sums(score)
     areas = plan.georeference.area_sums(components.local, components.count, *where)
-    border = components.border_ids()
-    inner = np.arange(components.count + 1)
-    inner[border] = 0
-    shapes = _polygons(plan, boundary_runs(components.framed(inner), (where[0].start, where[1].start)))
+    frame = components.framed(label, _label_halo(group["label"], where))
+    pieces = BorderPieces.of(components, score_sums, areas, frame)
+    runs = boundary_runs(frame, (where[0].start, where[1].start))
+    del frame
+    crossing = np.zeros(components.count + 1, bool)
+    crossing[pieces.ids] = True
+    crossing = crossing[runs.ids]
+    shapes = _polygons(plan, runs.select(~crossing))
     at = shapes.ids - 1
-    rows = _rows(plan, components.first[at], components.codes[at], pixels[at], score_sums[at], areas[at], shapes)
-    _stage(rows, plan.staging / f"{key[0]}_{key[1]}.inner.arrow")
-    at = border - 1
-    edge = components.local
-    return BorderPieces(
-        border, components.codes[at], pixels[at], score_sums[at], areas[at], components.first[at],
-        edge[0].copy(), edge[-1].copy(), edge[:, 0].copy(), edge[:, -1].copy(),
-    )  # fmt: skip
+    rows = _rows(
+        plan, components.first[at], components.codes[at], components.pixels[at], score_sums[at], areas[at], shapes
+    )
+    _stage(rows, _staged_rows(plan.staging, key))
+    _stage(runs.select(crossing).table(), _staged_pieces(plan.staging, key))
+    return pieces
+
+
+def _label_halo(label: zarr.Array, where: tuple[slice, slice]) -> tuple:
+    """The labels just outside the window ``where`` of ``label``: the rows above and below it, the columns left
+    and right of it (None at the mosaic's edge)."""
+    (rows, cols), (height, width) = where, label.shape
+    return (
+        label[rows.start - 1, cols] if rows.start > 0 else None,
+        label[rows.stop, cols] if rows.stop < height else None,
+        label[rows, cols.start - 1] if cols.start > 0 else None,
+        label[rows, cols.stop] if cols.stop < width else None,
+    )
 
 
 def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, shapes: WkbPolygons) -> pa.Table:
@@ -548,59 +546,57 @@ def _polygons(plan: MosaicPlan, runs: Runs) -> WkbPolygons:
     return polygon_wkb(runs, plan.georeference.lonlat)
 
 
-def _join(chunks: dict[ChunkKey, BorderPieces], large: int) -> tuple[ObjectTable, dict[ChunkKey, np.ndarray]]:
-    """Step 2: join border pieces that touch across seams into objects (and bucket those of several chunks,
-    objects of more than ``large`` pixels together: see :func:`_crossing_buckets`).
+def _join(blocks: dict[BlockKey, BorderPieces], large: int) -> tuple[ObjectTable, dict[BlockKey, np.ndarray]]:
+    """Step 2: join border pieces that touch across seams into objects, and bucket them for tracing (objects
+    of more than ``large`` pixels alone: see :func:`_crossing_buckets`).
 
-    Returns the objects and, per chunk, the object id of each of its border pieces.
+    Returns the objects and, per block, the object id of each of its border pieces.
     """
     bases, total = {}, 0
-    for key, pieces in chunks.items():
+    for key, pieces in blocks.items():
         bases[key] = total
         total += len(pieces.ids)
-    codes = _concat(chunks, "codes")
-    edges = [_seam_edges(chunks, bases, codes, key) for key in chunks]
+    edges = [_seam_edges(blocks, bases, key) for key in blocks]
     src, dst = (np.concatenate([e[i] for e in edges]) if edges else np.zeros(0, np.int64) for i in (0, 1))
     graph = coo_matrix((np.ones(len(src)), (src, dst)), shape=(total, total))
     _, component = connected_components(graph, directed=False)
     pieces = pd.DataFrame(
         {
             "component": component,
-            "code": codes,
-            "pixels": _concat(chunks, "pixels"),
-            "score_sum": _concat(chunks, "score_sums"),
-            "area": _concat(chunks, "areas"),
-            "first": _concat(chunks, "first"),
+            "code": _concat(blocks, "codes"),
+            "pixels": _concat(blocks, "pixels"),
+            "score_sum": _concat(blocks, "score_sums"),
+            "area": _concat(blocks, "areas"),
+            "first": _concat(blocks, "first"),
         }
     )
-    grouped = pieces.groupby("component")
-    objects = grouped.agg(
+    objects = pieces.groupby("component").agg(
         code=("code", "first"), pixels=("pixels", "sum"), score_sum=("score_sum", "sum"), area=("area", "sum"),
-        first=("first", "min"), pieces=("code", "size"),
+        first=("first", "min"),
     ).sort_values("first")  # fmt: skip
     object_id = np.zeros(len(objects), np.int64)
     object_id[objects.index.to_numpy()] = objects["first"].to_numpy() + 1
     table = ObjectTable(
         objects["first"].to_numpy() + 1, objects["code"].to_numpy(), objects["pixels"].to_numpy(),
         objects["score_sum"].to_numpy(), objects["area"].to_numpy(),
-        _crossing_buckets(objects["pixels"].to_numpy(), objects["pieces"].to_numpy() > 1, large),
+        _crossing_buckets(objects["pixels"].to_numpy(), large),
     )  # fmt: skip
-    object_of = {key: object_id[component[base : base + len(chunks[key].ids)]] for key, base in bases.items()}
+    object_of = {key: object_id[component[base : base + len(blocks[key].ids)]] for key, base in bases.items()}
     return table, object_of
 
 
-def _crossing_buckets(pixels: np.ndarray, crossing: np.ndarray, large: int) -> np.ndarray:
-    """A tracing bucket for each seam-crossing object (-1 for the others).
+def _crossing_buckets(pixels: np.ndarray, large: int) -> np.ndarray:
+    """A tracing bucket for each object.
 
     Each object of more than ``large`` pixels has a bucket of its own, numbered first, largest first:
     they are traced one after the other (see :func:`vectorize`), so that no two are in memory at once. The
     others are spread so that the buckets' pixels are about equal (largest first, each to the least-filled
     bucket), over at least ``_CROSSING_BUCKETS`` buckets and one per ``_CROSSING_PER_BUCKET`` objects.
     """
-    bucket = np.full(len(pixels), -1, np.int64)
-    big = np.flatnonzero(crossing & (pixels > large))
+    bucket = np.empty(len(pixels), np.int64)
+    big = np.flatnonzero(pixels > large)
     bucket[big[np.argsort(-pixels[big], kind="stable")]] = np.arange(len(big))
-    small = np.flatnonzero(crossing & (pixels <= large))
+    small = np.flatnonzero(pixels <= large)
     buckets = max(min(len(small), _CROSSING_BUCKETS), -(-len(small) // _CROSSING_PER_BUCKET))
     filled = [(0, b) for b in range(len(big), len(big) + buckets)]
     for i in small[np.argsort(-pixels[small], kind="stable")]:
@@ -610,99 +606,60 @@ def _crossing_buckets(pixels: np.ndarray, crossing: np.ndarray, large: int) -> n
     return bucket
 
 
-def _seam_edges(chunks, bases, codes, key) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of global piece indices joined across the right and bottom seams of chunk ``key``."""
+def _seam_edges(blocks, bases, key) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of global piece indices joined across the right and bottom seams of block ``key`` (the strips
+    hold a piece's id only where the same label lies across, so any two there touch)."""
     i, j = key
-    here = chunks[key]
+    here = blocks[key]
     pairs = []
     for neighbour, mine, theirs in (((i, j + 1), here.right, "left"), ((i + 1, j), here.bottom, "top")):
-        if neighbour not in chunks:
+        if neighbour not in blocks:
             continue
-        other = getattr(chunks[neighbour], theirs)
-        touching = (mine > 0) & (other > 0)
+        other = getattr(blocks[neighbour], theirs)
+        touching = mine > 0
         a = bases[key] + np.searchsorted(here.ids, mine[touching])
-        b = bases[neighbour] + np.searchsorted(chunks[neighbour].ids, other[touching])
-        same = codes[a] == codes[b]
-        pairs.append((a[same], b[same]))
+        b = bases[neighbour] + np.searchsorted(blocks[neighbour].ids, other[touching])
+        pairs.append((a, b))
     if not pairs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
-def _concat(chunks: dict[ChunkKey, BorderPieces], field: str) -> np.ndarray:
-    arrays = [getattr(p, field) for p in chunks.values()]
+def _concat(blocks: dict[BlockKey, BorderPieces], field: str) -> np.ndarray:
+    arrays = [getattr(p, field) for p in blocks.values()]
     return np.concatenate(arrays).astype(np.float64 if field in ("score_sums", "areas") else np.int64)
 
 
-def _halo(key: ChunkKey, border: dict[ChunkKey, BorderPieces], object_of: dict[ChunkKey, np.ndarray]):
-    """Object ids of the pixels just outside chunk ``key`` (top, bottom, left, right; None at the scene edge)."""
-    i, j = key
-
-    def strip(neighbour: ChunkKey, side: str) -> np.ndarray | None:
-        if neighbour not in border:
-            return None
-        pieces = border[neighbour]
-        local = getattr(pieces, side)
-        ids = np.zeros(len(local), np.int64)
-        ids[local > 0] = object_of[neighbour][np.searchsorted(pieces.ids, local[local > 0])]
-        return ids
-
-    return (
-        strip((i - 1, j), "bottom"),
-        strip((i + 1, j), "top"),
-        strip((i, j - 1), "right"),
-        strip((i, j + 1), "left"),
-    )
-
-
 @dataclass(frozen=True, slots=True)
-class SeamWork:
-    """What step 3 needs for one chunk: its border pieces' object ids and the objects' ids around the chunk."""
+class PieceObjects:
+    """What step 3 needs for one block: its border pieces' object ids and those objects."""
 
-    key: ChunkKey
-    where: tuple[slice, slice]
-    border_ids: np.ndarray  # local ids of the chunk's border pieces ...
-    border_objects: np.ndarray  # ... and their object ids
-    objects: ObjectTable  # the objects of the border pieces
-    halo: tuple  # object ids of the pixels just outside the chunk (see _halo)
+    ids: np.ndarray  # local ids of the block's border pieces ...
+    object_ids: np.ndarray  # ... and their object ids
+    objects: ObjectTable
 
 
-def _outline_block(plan: MosaicPlan, block: ChunkKey, chunks: list[SeamWork], overview: Mosaic | None):
-    """Step 3 for the 2 x 2 chunks that make chunk ``block`` of overview level 2; writes its ``instance`` there
-    if asked."""
-    rows, cols = _bounding_slices([chunk.where for chunk in chunks])
+def _instances(
+    plan: MosaicPlan, key: BlockKey, where: tuple[slice, slice], pieces: PieceObjects, overview: Mosaic | None
+) -> None:
+    """Step 3 for one block: write its ``instance`` array (and overview level 2 of it, if asked), and sort its
+    border pieces' staged runs into their objects' tracing buckets."""
     group = zarr.open_group(plan.path, mode="r+")
-    label = group["label"][rows, cols]
-    instance = np.zeros(label.shape, np.uint64)
-    for chunk in chunks:
-        inside = _within(chunk.where, rows, cols)
-        instance[inside] = _outlines(plan, chunk, label[inside])
-    chunk_writer(group, "instance")[rows, cols] = instance  # whole chunks: aligned writes
-    if overview is not None:
-        write_overview_chunk(overview, 2, block, {"instance": instance})
-
-
-def _outlines(plan: MosaicPlan, work: SeamWork, label: np.ndarray) -> np.ndarray:
-    """Step 3 for one chunk: polygonise its border objects, or stage their runs; returns its ``instance`` ids."""
-    components = _components(label, plan.codes, work.where, plan.width)  # recomputed: cheaper than staging ids
+    components = _components(group["label"][where], plan.codes, where, plan.width)  # again: cheaper than staging
     object_of_local = np.concatenate(([0], components.first + 1)).astype(np.uint64)
-    object_of_local[work.border_ids] = work.border_objects
-    on_border = np.zeros(components.count + 1, np.int64)
-    on_border[work.border_ids] = work.border_objects
-    runs = boundary_runs(components.framed(on_border, work.halo), (work.where[0].start, work.where[1].start))
-    objects = work.objects
-    bucket_of = objects.bucket[np.searchsorted(objects.ids, runs.ids)]
-    key = work.key
-    _stage(
-        objects.rows(plan, _polygons(plan, runs.select(bucket_of < 0))),
-        plan.staging / f"{key[0]}_{key[1]}.border.arrow",
-    )
-    for bucket in np.unique(bucket_of[bucket_of >= 0]):
-        runs_in = runs.select(bucket_of == bucket)
+    object_of_local[pieces.ids] = pieces.object_ids
+    instance = object_of_local[components.local]
+    chunk_writer(group, "instance")[where] = instance  # whole chunks: aligned writes
+    if overview is not None:
+        write_overview_chunk(overview, 2, key, {"instance": instance})
+    del instance, components
+    staged = _staged_runs([_staged_pieces(plan.staging, key)])
+    runs = dataclasses.replace(staged, ids=object_of_local[staged.ids].astype(np.int64))
+    bucket_of = pieces.objects.bucket[np.searchsorted(pieces.objects.ids, runs.ids)]
+    for bucket in np.unique(bucket_of):
         folder = plan.staging / "runs" / str(bucket)
         folder.mkdir(exist_ok=True)
-        _stage(pa.table({name: getattr(runs_in, name) for name in Runs.__slots__}), folder / f"{key[0]}_{key[1]}.arrow")
-    return object_of_local[components.local]
+        _stage(runs.select(bucket_of == bucket).table(), folder / f"{key[0]}_{key[1]}.arrow")
 
 
 def _stage(table: pa.Table, path: Path) -> None:
@@ -712,8 +669,12 @@ def _stage(table: pa.Table, path: Path) -> None:
     feather.write_feather(table, path, compression="uncompressed")
 
 
-def _staged_rows(staging: Path, key: ChunkKey) -> list[Path]:
-    return [staging / f"{key[0]}_{key[1]}.{part}.arrow" for part in ("inner", "border")]
+def _staged_rows(staging: Path, key: BlockKey) -> Path:
+    return staging / f"{key[0]}_{key[1]}.arrow"
+
+
+def _staged_pieces(staging: Path, key: BlockKey) -> Path:
+    return staging / "pieces" / f"{key[0]}_{key[1]}.arrow"
 
 
 def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: None = None) -> None:
