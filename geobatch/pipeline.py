@@ -286,17 +286,27 @@ def _open_scenes(
     return scenes, failures
 
 
+# What Ray workers run with (a local Ray's, and those of ray-cluster.yaml and cluster/Dockerfile). A worker
+# runs one task at a time on its CPU: zarr's own pool of CPUs + 4 codec threads gained nothing; glibc's malloc
+# arena per thread (Ray's, zarr's) kept what each task freed, idle workers grew from 0.2 to 0.3 GiB; and
+# with a block's arrays (16-32 MiB) mapped afresh for each task, the kernel's page faults were 40 % of
+# writing a block's `instance`, so the heap keeps up to 512 MiB for the next task (traces trim it).
+WORKER_ENVIRONMENT = {
+    "ZARR_THREADING__MAX_WORKERS": "1",
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20),
+}
+
+
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[None]:
     """Use the running Ray if there is one; otherwise start (or join, with ``address`` / RAY_ADDRESS) one."""
     if ray.is_initialized():
         yield
         return
-    # A local Ray's workers inherit this environment. Each runs one task at a time on its CPU, where zarr's
-    # own pool of CPUs + 4 codec threads gained nothing, and glibc's malloc arena per thread (Ray's, zarr's)
-    # kept what each task freed: idle workers grew from 0.2 to 0.3 GiB, a fifth of the 20 000² peak
-    os.environ.setdefault("ZARR_THREADING__MAX_WORKERS", "1")
-    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
+    for name, value in WORKER_ENVIRONMENT.items():  # a local Ray's workers inherit it
+        os.environ.setdefault(name, value)
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield

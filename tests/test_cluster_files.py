@@ -15,6 +15,8 @@ import ray
 import ray.autoscaler
 import yaml
 
+from geobatch.pipeline import WORKER_ENVIRONMENT
+
 REPO = Path(__file__).resolve().parents[1]
 AUTOSCALER = REPO / "ray-cluster.yaml"
 CLUSTER = REPO / "cluster"
@@ -106,6 +108,14 @@ def test_dockerfile_installs_with_constraints_and_bakes_in_no_weights():
     assert "ENV GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR" in text
     copies = re.findall(r"^(?:COPY|ADD) .*$", text, re.MULTILINE)
     assert copies and not any("weights" in c or ".venv" in c for c in copies)
+
+
+def test_cluster_workers_run_with_the_environment_of_local_workers():
+    settings = [f"{name}={value}" for name, value in WORKER_ENVIRONMENT.items()]
+    (env,) = re.findall(r"^ENV ZARR.*$", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
+    (start,) = [c for c in load(AUTOSCALER)["worker_start_ray_commands"] if "ray start" in c]
+    assert set(settings) <= set(env.split()[1:])
+    assert set(settings) <= set(re.search(r"export ([^;]+);", start).group(1).split())
 
 
 # --- cluster/raycluster.yaml and cluster/rayjob.yaml (KubeRay) ---
