@@ -46,6 +46,7 @@ from geobatch.tiling import Tile, TileGrid
 
 if TYPE_CHECKING:
     import xarray as xr
+    from dask.delayed import Delayed
 
 LABEL_BACKGROUND = 0
 LABEL_NODATA = 255
@@ -315,17 +316,27 @@ def write_overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], arra
 
 
 def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
-    """Compute declared levels ``factors`` in order, each from the one before, one Dask task per chunk.
+    """Compute declared levels ``factors``, each from the one before (:func:`overview_tasks`), on the current
+    Dask scheduler."""
+    dask.compute(*overview_tasks(mosaic, factors))
 
-    Runs on the current Dask scheduler; a task reads 2 x 2 chunks of the finer level and writes one chunk.
-    """
+
+def overview_tasks(mosaic: Mosaic, factors: Sequence[int]) -> list[Delayed]:
+    """One Dask task per chunk of levels ``factors`` (in order), each reading 2 x 2 chunks of the finer level
+    and writing one chunk, and waiting only for the tasks that write those: one graph for all levels, which
+    can run beside other work."""
+    tasks: dict[tuple[int, int, int], Delayed] = {}
     for factor in factors:
         height, width = _level_shape(mosaic, factor)
-        keys = [(i, j) for i in range(-(-height // mosaic.chunk)) for j in range(-(-width // mosaic.chunk))]
-        dask.compute(*[dask.delayed(_overview_chunk)(mosaic, factor, key) for key in keys])
+        for i in range(-(-height // mosaic.chunk)):
+            for j in range(-(-width // mosaic.chunk)):
+                finer = ((factor // 2, 2 * i + di, 2 * j + dj) for di in (0, 1) for dj in (0, 1))
+                after = [tasks[k] for k in finer if k in tasks]
+                tasks[factor, i, j] = dask.delayed(_overview_chunk)(mosaic, factor, (i, j), *after)
+    return list(tasks.values())
 
 
-def _overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int]) -> None:
+def _overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], *after: None) -> None:
     root = zarr.open_group(mosaic.path, mode="r")
     finer = root if factor == 2 else root[f"overviews/{factor // 2}"]
     rows, cols = (slice(2 * k * mosaic.chunk, 2 * (k + 1) * mosaic.chunk) for k in key)
