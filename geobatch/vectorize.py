@@ -34,8 +34,9 @@ import dataclasses
 import functools
 import heapq
 import shutil
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +325,8 @@ def vectorize(mosaic: Mosaic, scene: Scene, overviews: Sequence[int] = ()) -> It
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
-    row-major block order, then the seam-crossing objects (traced while the blocks' batches are taken).
+    row-major block order, then the seam-crossing objects by bucket, each as soon as it is traced (the traces
+    run while the blocks' batches are taken).
     Runs on the current Dask scheduler; each task opens the store by path itself. Staged files live beside
     the mosaic until the last batch is taken.
     """
@@ -356,9 +358,9 @@ def vectorize(mosaic: Mosaic, scene: Scene, overviews: Sequence[int] = ()) -> It
             tracing = background.submit(dask.compute, *traced, *coarser)
             for key in blocks:
                 yield feather.read_table(_staged_rows(staging, key))
+            for bucket in range(buckets):  # then each bucket's, in order, as soon as it is traced
+                yield feather.read_table(_traced(staging, bucket, tracing))
             tracing.result()
-        for bucket in range(buckets):
-            yield feather.read_table(staging / "crossing" / f"{bucket}.arrow")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -697,8 +699,21 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: 
         cuts = starts[np.flatnonzero(np.diff(starts // _RUNS_PER_TRACE, prepend=-1))][1:]
     traced = [_polygons(plan, runs.select(np.s_[a:b])) for a, b in zip([0, *cuts], [*cuts, len(runs)])]
     del runs
-    _stage(objects.rows(plan, WkbPolygons.concat(traced)), plan.staging / "crossing" / f"{bucket}.arrow")
+    partial = plan.staging / "crossing" / f"{bucket}.partial"
+    _stage(objects.rows(plan, WkbPolygons.concat(traced)), partial)
+    partial.rename(partial.with_suffix(".arrow"))  # whole, for the caller waiting for it
     _release_memory()
+
+
+def _traced(staging: Path, bucket: int, tracing: Future) -> Path:
+    """The rows staged by bucket ``bucket``'s trace, once they are (or the error of ``tracing``, the traces'
+    computation, if it ends first)."""
+    path = staging / "crossing" / f"{bucket}.arrow"
+    while not path.exists() and not tracing.done():
+        time.sleep(0.02)
+    if tracing.done():
+        tracing.result()  # a trace's error, if any
+    return path
 
 
 def _staged_runs(files: list[Path]) -> Runs:

@@ -126,6 +126,23 @@ def test_seam_crossing_objects_traced_a_few_runs_at_a_time_keep_their_polygons(r
     ).all()
 
 
+def test_a_failed_trace_fails_vectorising_rather_than_leaving_it_waiting(run, tmp_path, monkeypatch):
+    """The caller takes each bucket's rows as soon as its trace stages them; a trace that fails instead
+    ends the wait with its error (in this process, Dask's synchronous scheduler)."""
+    _, mosaic_path, core = run
+    copy = shutil.copytree(mosaic_path, tmp_path / mosaic_path.name)
+
+    def failing_trace(plan, objects, bucket, after=None):
+        raise RuntimeError(f"bucket {bucket} could not be traced")
+
+    monkeypatch.setattr(vectorize_module, "_trace_crossing", failing_trace)
+    spec = load_job(write_job(tmp_path / "job.yaml"))
+    scene = open_scene(discover(spec)[0][0], ["green", "nir"])
+    mosaic = Mosaic(scene.scene_id, str(copy), scene.shape, core, ("water",))
+    with dask.config.set(scheduler="sync"), pytest.raises(RuntimeError, match=r"bucket \d+ could not be traced"):
+        list(vectorize_module.vectorize(mosaic, scene))
+
+
 @pytest.mark.parametrize(
     "crs, affine",
     [
