@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 import pyproj
 import shapely
 
+from geobatch.catalog_rows import geoparquet_rows, spatial_order
+
 if TYPE_CHECKING:
     import duckdb
 
@@ -50,7 +52,6 @@ OPTIONAL_OBJECT_COLUMNS = ("prompt_id", "attributes")  # objects of vector promp
 TABLES = ("objects", "scenes", "tiles")
 ROW_GROUP_ROWS = 4096  # small enough that a region query reads few rows beyond its answer
 ROW_GROUP_BYTES = 16 * 2**20  # and fewer rows where they are large: memory holds one row group
-HILBERT_ORDER = 16  # rows are sorted along a Hilbert curve through 2**16 x 2**16 cells of their extent
 UNDATED = "undated"
 _ARROW_STRINGS = {
     pa.string(): pd.StringDtype("pyarrow"),
@@ -71,38 +72,10 @@ def write_geoparquet(frame: gpd.GeoDataFrame, path: str | Path, row_group_size: 
 
 
 def geoparquet_table(frame: gpd.GeoDataFrame) -> pa.Table:
-    """``frame`` as GeoParquet rows in Arrow (see :func:`geoparquet_rows`)."""
+    """``frame`` as GeoParquet rows in Arrow (see :func:`catalog_rows.geoparquet_rows`)."""
     frame = frame.to_crs(4326)
     columns = pa.Table.from_pandas(pd.DataFrame(frame.drop(columns=frame.geometry.name)), preserve_index=False)
     return geoparquet_rows(columns, frame.geometry.to_numpy())
-
-
-def geoparquet_rows(columns: pa.Table, geometries: np.ndarray) -> pa.Table:
-    """Rows with their EPSG:4326 shapely ``geometries`` as GeoParquet rows in Arrow (see :func:`wkb_rows`)."""
-    return wkb_rows(columns, pa.array(shapely.to_wkb(geometries), pa.binary()), shapely.bounds(geometries))
-
-
-def wkb_rows(columns: pa.Table, wkb: pa.Array, bounds: np.ndarray) -> pa.Table:
-    """Rows with their EPSG:4326 geometries, as WKB and bounds (xmin, ymin, xmax, ymax), as GeoParquet rows in
-    Arrow: the ``geometry`` and a ``bbox`` struct column appended, rows Hilbert-sorted by their bounds' centres.
-
-    Geometries without finite bounds are stored missing: missing or empty ones, and those that do not map into
-    EPSG:4326 (e.g. corners off a geostationary disk).
-    """
-    located = np.isfinite(bounds).all(axis=1)
-    if not located.all():
-        unmapped = np.count_nonzero(~located & wkb.is_valid().to_numpy(zero_copy_only=False))
-        if unmapped:
-            log.warning(
-                "%d geometries are empty or do not map to longitude/latitude; stored without geometry", unmapped
-            )
-        wkb = pc.if_else(pa.array(located), wkb, pa.scalar(None, wkb.type))
-    order = _spatial_order(bounds)
-    located, bounds = located[order], bounds[order]
-    boxes = [pa.array(bounds[:, i], mask=~located) for i in range(4)]
-    bbox = pa.StructArray.from_arrays(boxes, names=["xmin", "ymin", "xmax", "ymax"], mask=pa.array(~located))
-    geometry = wkb.take(pa.array(order))
-    return columns.take(order).append_column("geometry", geometry).append_column("bbox", bbox).replace_schema_metadata()
 
 
 class GeoParquetStream:
@@ -468,7 +441,7 @@ class Catalog:
             if len(small) < 2:
                 continue
             merged = gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in small], ignore_index=True), crs=4326)
-            merged = merged.iloc[_spatial_order(shapely.bounds(merged.geometry.to_numpy()))]
+            merged = merged.iloc[spatial_order(shapely.bounds(merged.geometry.to_numpy()))]
             targets = [
                 write_geoparquet(merged.iloc[i : i + rows_per_file], folder / f"compact_{i // rows_per_file}.tmp")
                 for i in range(0, len(merged), rows_per_file)
@@ -610,32 +583,6 @@ def _months(acquired_at: pd.Series) -> pd.Series:
 
 def _month(value: dt.datetime | None) -> str | None:
     return f"{value:%Y-%m}" if value else None
-
-
-def _spatial_order(bounds: np.ndarray) -> np.ndarray:
-    """Row order along a Hilbert curve over the bounds' centres (in their extent); rows without bounds go last."""
-    located = np.isfinite(bounds).all(axis=1)
-    key = np.full(len(bounds), np.iinfo(np.int64).max)
-    if located.any():
-        centres = (bounds[located, :2] + bounds[located, 2:]) / 2
-        low, span = centres.min(axis=0), np.ptp(centres, axis=0)
-        cells = (centres - low) / np.where(span > 0, span, 1) * (2**HILBERT_ORDER - 1)
-        key[located] = _hilbert_distance(*cells.astype(np.int64).T)
-    return np.argsort(key, kind="stable")
-
-
-def _hilbert_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Distances along the Hilbert curve through a 2**HILBERT_ORDER square grid of the cells (x, y)."""
-    distance = np.zeros(len(x), np.int64)
-    last = 2**HILBERT_ORDER - 1
-    for level in range(HILBERT_ORDER - 1, -1, -1):
-        s = 1 << level
-        right, up = (x & s) > 0, (y & s) > 0
-        distance += s * s * ((3 * right) ^ up)
-        flip = ~up & right  # rotate the quadrant so that the curve's sub-square starts where it enters
-        x, y = np.where(flip, last - x, x), np.where(flip, last - y, y)
-        x, y = np.where(~up, y, x), np.where(~up, x, y)
-    return distance
 
 
 def read_table(output: str | Path, table: str) -> gpd.GeoDataFrame:

@@ -43,7 +43,6 @@ from pathlib import Path
 import dask
 import numba
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyproj
@@ -54,7 +53,7 @@ from pyarrow import feather
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from geobatch import catalog
+from geobatch.catalog_rows import wkb_rows
 from geobatch.polygonize import Runs, WkbPolygons, boundary_runs, polygon_wkb
 from geobatch.scenes import Scene
 from geobatch.stitch import Mosaic, chunk_writer, coarsen, overview_tasks, write_overview_chunk
@@ -541,7 +540,7 @@ def _rows(plan: MosaicPlan, first, codes, pixels, score_sums, areas, shapes: Wkb
             "area_m2": np.asarray(areas, np.float64),
         }
     )
-    return catalog.wkb_rows(columns, shapes.wkb, shapes.bounds)
+    return wkb_rows(columns, shapes.wkb, shapes.bounds)
 
 
 def _polygons(plan: MosaicPlan, runs: Runs) -> WkbPolygons:
@@ -563,28 +562,22 @@ def _join(blocks: dict[BlockKey, BorderPieces], large: int) -> tuple[ObjectTable
     src, dst = (np.concatenate([e[i] for e in edges]) if edges else np.zeros(0, np.int64) for i in (0, 1))
     graph = coo_matrix((np.ones(len(src)), (src, dst)), shape=(total, total))
     _, component = connected_components(graph, directed=False)
-    pieces = pd.DataFrame(
-        {
-            "component": component,
-            "code": _concat(blocks, "codes"),
-            "pixels": _concat(blocks, "pixels"),
-            "score_sum": _concat(blocks, "score_sums"),
-            "area": _concat(blocks, "areas"),
-            "first": _concat(blocks, "first"),
-        }
-    )
-    objects = pieces.groupby("component").agg(
-        code=("code", "first"), pixels=("pixels", "sum"), score_sum=("score_sum", "sum"), area=("area", "sum"),
-        first=("first", "min"),
-    ).sort_values("first")  # fmt: skip
-    object_id = np.zeros(len(objects), np.int64)
-    object_id[objects.index.to_numpy()] = objects["first"].to_numpy() + 1
+    count = int(component.max(initial=-1)) + 1
+    first = np.full(count, np.iinfo(np.int64).max)
+    np.minimum.at(first, component, _concat(blocks, "first"))
+    codes = np.empty(count, np.int64)
+    codes[component] = _concat(blocks, "codes")  # an object's pieces share their label
+
+    def summed(field: str) -> np.ndarray:
+        return np.bincount(component, _concat(blocks, field), minlength=count)
+
+    pixels = summed("pixels").astype(np.int64)  # sums of counts: exact in float64 below 2**53
+    order = np.argsort(first)
     table = ObjectTable(
-        objects["first"].to_numpy() + 1, objects["code"].to_numpy(), objects["pixels"].to_numpy(),
-        objects["score_sum"].to_numpy(), objects["area"].to_numpy(),
-        _crossing_buckets(objects["pixels"].to_numpy(), large),
+        first[order] + 1, codes[order], pixels[order], summed("score_sums")[order], summed("areas")[order],
+        _crossing_buckets(pixels[order], large),
     )  # fmt: skip
-    object_of = {key: object_id[component[base : base + len(blocks[key].ids)]] for key, base in bases.items()}
+    object_of = {key: first[component[base : base + len(blocks[key].ids)]] + 1 for key, base in bases.items()}
     return table, object_of
 
 
