@@ -380,12 +380,12 @@ def _finish_scene(
         return outcome
     overviews = declare_overviews(mosaic)
     if mosaic.objects == "instances":
-        found = [catalog.geoparquet_table(merge_instances(mosaic, scene, grid))]
-        compute_overviews(mosaic, overviews)
-    else:  # vectorising fills the overview levels from the pixels it reads, and while it traces
-        found = vectorize(mosaic, scene, overviews)
+        found, remaining = [catalog.geoparquet_table(merge_instances(mosaic, scene, grid))], overviews
+    else:  # vectorising writes the first overview level from the pixels it reads anyway
+        found, remaining = vectorize(mosaic, scene, overview=bool(overviews)), overviews[1:]
     batches = (_catalogue_objects(rows, scene, spec, ledger.run_id, prompts) for rows in found)
     files = catalog.write_scene_objects(spec.output, batches, ledger.run_id, scene.scene_id)
+    compute_overviews(mosaic, remaining)  # after the catalog: beside the driver's writing, it added to the peak
     status, reason = ("partial", f"{statuses['failed']} tile(s) failed; first: {failed}") if failed else ("done", None)
     final = str(mosaic_dir / f"{scene.scene_id}.zarr")
     objects = sum(pq.ParquetFile(path).metadata.num_rows for path in files)

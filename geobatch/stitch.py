@@ -130,7 +130,7 @@ def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str) -
 
 def _declaring_libraries():
     """dask.array and xarray (with rioxarray's ``.rio``), imported only where mosaics are declared, on the
-    driver: they are a second of CPU that every Ray worker would spend starting up."""
+    driver: they were half a second of CPU that every Ray worker spent starting up."""
     import dask.array
     import rioxarray  # noqa: F401  (registers the .rio accessor)
     import xarray
@@ -316,15 +316,9 @@ def write_overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], arra
 
 
 def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
-    """Compute declared levels ``factors``, each from the one before (:func:`overview_tasks`), on the current
-    Dask scheduler."""
-    dask.compute(*overview_tasks(mosaic, factors))
-
-
-def overview_tasks(mosaic: Mosaic, factors: Sequence[int]) -> list[Delayed]:
-    """One Dask task per chunk of levels ``factors`` (in order), each reading 2 x 2 chunks of the finer level
-    and writing one chunk, and waiting only for the tasks that write those: one graph for all levels, which
-    can run beside other work."""
+    """Compute declared levels ``factors`` (in order), each from the one before, on the current Dask scheduler:
+    one task per chunk, reading 2 x 2 chunks of the finer level and writing one chunk, and waiting only for
+    the tasks that write those (one graph for all levels, not a level at a time)."""
     tasks: dict[tuple[int, int, int], Delayed] = {}
     for factor in factors:
         height, width = _level_shape(mosaic, factor)
@@ -333,7 +327,7 @@ def overview_tasks(mosaic: Mosaic, factors: Sequence[int]) -> list[Delayed]:
                 finer = ((factor // 2, 2 * i + di, 2 * j + dj) for di in (0, 1) for dj in (0, 1))
                 after = [tasks[k] for k in finer if k in tasks]
                 tasks[factor, i, j] = dask.delayed(_overview_chunk)(mosaic, factor, (i, j), *after)
-    return list(tasks.values())
+    dask.compute(*tasks.values())
 
 
 def _overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], *after: None) -> None:

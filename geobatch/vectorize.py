@@ -35,7 +35,7 @@ import functools
 import heapq
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ from scipy.sparse.csgraph import connected_components
 from geobatch.catalog_rows import wkb_rows
 from geobatch.polygonize import Runs, WkbPolygons, boundary_runs, polygon_wkb
 from geobatch.scenes import Scene
-from geobatch.stitch import Mosaic, chunk_writer, coarsen, overview_tasks, write_overview_chunk
+from geobatch.stitch import Mosaic, chunk_writer, coarsen, write_overview_chunk
 from geobatch.tiling import TileGrid, plan_tiles
 
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
@@ -316,11 +316,11 @@ class ObjectTable:
         return _rows(plan, shapes.ids - 1, self.codes[at], self.pixels[at], self.score_sums[at], self.areas[at], shapes)
 
 
-def vectorize(mosaic: Mosaic, scene: Scene, overviews: Sequence[int] = ()) -> Iterator[pa.Table]:
+def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[pa.Table]:
     """Every labelled object of ``mosaic`` as catalog rows, a block at a time; writes its ``instance`` array.
 
-    Also fills the mosaic's overview levels ``overviews`` (declared by ``stitch.declare_overviews``): level 2
-    from the pixels steps 1 and 3 hold anyway, the coarser ones while the seam-crossing objects are traced.
+    With ``overview``, also writes the mosaic's overview level 2 (declared by ``stitch.declare_overviews``)
+    from the pixels steps 1 and 3 hold anyway.
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``
     (ellipsoidal), ``geometry`` (WKB, EPSG:4326) and ``bbox``; each batch Hilbert-sorted, batches in
@@ -335,7 +335,7 @@ def vectorize(mosaic: Mosaic, scene: Scene, overviews: Sequence[int] = ()) -> It
         (staging / folder).mkdir(parents=True)
     plan = MosaicPlan(mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, Georeference.of(scene), staging)
     blocks = _block_slices(mosaic)
-    overview_of = mosaic if 2 in overviews else None
+    overview_of = mosaic if overview else None
     try:
         found = dask.compute(*[dask.delayed(_pieces)(plan, key, where, overview_of) for key, where in blocks.items()])
         border = dict(zip(blocks, found))
@@ -352,9 +352,8 @@ def vectorize(mosaic: Mosaic, scene: Scene, overviews: Sequence[int] = ()) -> It
             alone = len(members.ids) == 1 and members.pixels[0] > large  # the large objects, one at a time
             traced.append(dask.delayed(_trace_crossing)(plan, members, bucket, after if alone else None))
             after = traced[-1] if alone else after
-        coarser = overview_tasks(mosaic, [f for f in overviews if f > 2])  # they need `instance` only
         with ThreadPoolExecutor(1) as background:  # the workers trace while the caller takes the blocks' rows
-            tracing = background.submit(dask.compute, *traced, *coarser)
+            tracing = background.submit(dask.compute, *traced)
             for key in blocks:
                 yield feather.read_table(_staged_rows(staging, key))
             for bucket in range(buckets):  # then each bucket's, in order, as soon as it is traced
@@ -680,6 +679,7 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: 
     ``_RUNS_PER_TRACE`` runs in all: linking holds about 60 bytes per run, beside the runs' 33. ``after``
     is the result of the trace this one waits for (a Dask dependency).
     """
+    _release_memory()  # what the worker's heap kept from its blocks: traces hold the peak
     folder = plan.staging / "runs" / str(bucket)
     runs = _staged_runs(sorted(folder.glob("*.arrow")) if folder.is_dir() else [])
     cuts = []
