@@ -287,16 +287,9 @@ def _open_scenes(
 
 
 # What Ray workers run with (a local Ray's, and those of ray-cluster.yaml and cluster/Dockerfile). A worker
-# runs one task at a time on its CPU: zarr's own pool of CPUs + 4 codec threads gained nothing; glibc's malloc
-# arena per thread (Ray's, zarr's) kept what each task freed, idle workers grew from 0.2 to 0.3 GiB; and
-# with a block's arrays (16-32 MiB) mapped afresh for each task, the kernel's page faults were 40 % of
-# writing a block's `instance`, so the heap keeps up to 512 MiB for the next task (traces trim it).
-WORKER_ENVIRONMENT = {
-    "ZARR_THREADING__MAX_WORKERS": "1",
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20),
-}
+# runs one task at a time on its CPU: zarr's own pool of CPUs + 4 codec threads gained nothing, and glibc's
+# malloc arena per thread (Ray's, zarr's) kept what each task freed: idle workers grew from 0.2 to 0.3 GiB.
+WORKER_ENVIRONMENT = {"ZARR_THREADING__MAX_WORKERS": "1", "MALLOC_ARENA_MAX": "1"}
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area 
 _LONLAT_STEP = 32  # pixels between the grid nodes where longitude and latitude are exact (Georeference.lonlat)
 _LONLAT_TOLERANCE = 1e-11  # degrees (about a micrometre) that interpolated longitudes and latitudes may be off
 _CROSSING_PER_BUCKET = 512  # one trace task per this many seam-crossing objects
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 _RUNS_PER_TRACE = 250_000  # boundary runs linked at once by a trace (but a larger object's all at once)
 _CROSSING_BUCKETS = 8  # trace tasks at least, to spread the work over the workers
 
@@ -486,6 +487,7 @@ def _component_sums(local, count, values):
 def _pieces(plan: MosaicPlan, key: BlockKey, where: tuple[slice, slice], overview: Mosaic | None) -> BorderPieces:
     """Step 1 for one block: stage its whole objects as catalog rows and its border pieces' runs; return its
     border pieces. Writes the block's ``label`` and ``score`` to overview level 2 if asked."""
+    _heap(keep=True)
     group = zarr.open_group(plan.path, mode="r")
     label, score = group["label"][where], group["score"][where]
     if overview is not None:
@@ -639,6 +641,7 @@ def _instances(
 ) -> None:
     """Step 3 for one block: write its ``instance`` array (and overview level 2 of it, if asked), and sort its
     border pieces' staged runs into their objects' tracing buckets."""
+    _heap(keep=True)
     group = zarr.open_group(plan.path, mode="r+")
     components = _components(group["label"][where], plan.codes, where, plan.width)  # again: cheaper than staging
     object_of_local = np.concatenate(([0], components.first + 1)).astype(np.uint64)
@@ -679,7 +682,7 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: 
     ``_RUNS_PER_TRACE`` runs in all: linking holds about 60 bytes per run, beside the runs' 33. ``after``
     is the result of the trace this one waits for (a Dask dependency).
     """
-    _release_memory()  # what the worker's heap kept from its blocks: traces hold the peak
+    _heap(keep=False)  # traces hold the peak: memory counts more than page faults
     folder = plan.staging / "runs" / str(bucket)
     runs = _staged_runs(sorted(folder.glob("*.arrow")) if folder.is_dir() else [])
     cuts = []
@@ -695,7 +698,7 @@ def _trace_crossing(plan: MosaicPlan, objects: ObjectTable, bucket: int, after: 
     partial = plan.staging / "crossing" / f"{bucket}.partial"
     _stage(objects.rows(plan, WkbPolygons.concat(traced)), partial)
     partial.rename(partial.with_suffix(".arrow"))  # whole, for the caller waiting for it
-    _release_memory()
+    _heap(keep=False)
 
 
 def _traced(staging: Path, bucket: int, tracing: Future) -> Path:
@@ -722,12 +725,25 @@ def _staged_runs(files: list[Path]) -> Runs:
     return runs
 
 
-def _release_memory() -> None:
-    """Hand the memory a big task freed back to the system, so that the worker does not keep it while idle.
+def _heap(keep: bool) -> None:
+    """How the worker's heap treats large arrays from now on (glibc; one malloc arena per worker, see
+    ``pipeline.WORKER_ENVIRONMENT``).
 
-    Arrow's allocator and glibc's heap both keep freed memory for reuse; trimming after each task (not
-    always, as ``MALLOC_TRIM_THRESHOLD_`` would) keeps allocation fast: numpy code ran 1.8x slower with it.
+    ``keep``: arrays up to 256 MiB come from the heap, which keeps up to 512 MiB free for the next task.
+    Mapped afresh for every block, a block's arrays (16-32 MiB) took a page fault per 4 KiB: 40 % of
+    writing its ``instance``. Otherwise (traces, which hold the peak): large arrays are mapped and unmapped
+    again (glibc's defaults), and what the heap and Arrow's pool keep is handed back now.
     """
-    pa.default_memory_pool().release_unused()
+    mmap, trim = (256 * 2**20, 512 * 2**20) if keep else (128 * 2**10, 128 * 2**10)
     with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = _libc()
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
+        if not keep:
+            pa.default_memory_pool().release_unused()
+            libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
