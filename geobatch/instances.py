@@ -42,7 +42,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import shapely
 import shapely.geometry
-import zarr
 from rasterio.windows import Window
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -50,7 +49,7 @@ from scipy.sparse.csgraph import connected_components
 from geobatch.catalog import OPTIONAL_OBJECT_COLUMNS
 from geobatch.polygonize import boundary_runs, polygons
 from geobatch.scenes import Scene
-from geobatch.stitch import LABEL_BACKGROUND, LABEL_NODATA, Mosaic, chunk_writer, staged_mask
+from geobatch.stitch import LABEL_BACKGROUND, LABEL_NODATA, Mosaic, mosaic_array, staged_mask
 from geobatch.tiling import Tile, TileGrid, plan_tiles
 from geobatch.vectorize import Georeference
 
@@ -317,10 +316,9 @@ def _paint_chunk(store: str, staged: StagedTile, paint: pd.DataFrame) -> None:
 
     Validity comes from the chunk's ``label`` (nodata stays nodata), so painting again gives the same chunk.
     """
-    group = zarr.open_group(store, mode="r+")
     core = staged.tile.core_window
     where = core.toslices()
-    valid = group["label"][where] != LABEL_NODATA
+    valid = mosaic_array(store, "label")[where] != LABEL_NODATA
     instance = np.zeros(valid.shape, np.uint32)
     label = np.where(valid, LABEL_BACKGROUND, LABEL_NODATA).astype(np.uint8)
     score = np.where(valid, np.float32(0), np.float32(np.nan))
@@ -329,7 +327,7 @@ def _paint_chunk(store: str, staged: StagedTile, paint: pd.DataFrame) -> None:
         piece = _staged_over(instances.iloc[local], core) & valid
         instance[piece], label[piece], score[piece] = row["id"], row["code"], row["score"]
     for name, values in (("instance", instance), ("label", label), ("score", score)):
-        chunk_writer(group, name)[where] = values
+        mosaic_array(store, name)[where] = values
 
 
 def _members(instances: pd.DataFrame) -> dict[int, list[tuple[TileKey, int]]]:

@@ -9,8 +9,9 @@ Arrays, all on the scene grid (``y``, ``x``):
 - ``label`` (uint8): 0 background, ``i`` the ``i``-th prompt's label, 255 nodata / not processed;
   where prompts overlap the earlier prompt in the job wins (for instance models: the higher score);
 - ``score`` (float32): the model's confidence for the pixel's label, NaN where nodata;
-- ``instance`` (uint64): the object id, 0 where no object: the object's first pixel ``row * width + col + 1``
-  (see ``vectorize``), or for instance models 1..n in first-pixel order (see ``instances``).
+- ``instance`` (uint32, or uint64 for mosaics of 2³² pixels or more: ``Mosaic.instance_dtype``): the object
+  id, 0 where no object: the object's first pixel ``row * width + col + 1`` (see ``vectorize``), or for
+  instance models 1..n in first-pixel order (see ``instances``).
 
 Finished mosaics also hold coarser levels for viewers, ``overviews/2``, ``overviews/4``... (``add_overviews``).
 
@@ -24,6 +25,7 @@ resumed run that retries failed tiles can merge them again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -41,22 +43,19 @@ import zarr
 from affine import Affine
 
 from geobatch.models.base import ObjectKind, TileResult
-from geobatch.scenes import Scene
 from geobatch.tiling import Tile, TileGrid
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # not imported by the workers that write and read chunks
     import xarray as xr
     from dask.delayed import Delayed
+
+    from geobatch.scenes import Scene
 
 LABEL_BACKGROUND = 0
 LABEL_NODATA = 255
 MAX_LABELS = LABEL_NODATA - 1
 
-_ARRAYS = {  # name -> (dtype, fill value)
-    "label": (np.uint8, LABEL_NODATA),
-    "score": (np.float32, np.nan),
-    "instance": (np.uint64, 0),
-}
+_FILL_VALUES = {"label": LABEL_NODATA, "score": np.nan, "instance": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +71,12 @@ class Mosaic:
 
     def code(self, label: str) -> int:
         return self.labels.index(label) + 1
+
+    @property
+    def instance_dtype(self) -> np.dtype:
+        """uint32 where every id (at most a pixel index + 1) fits, else uint64: for a mosaic of up to
+        65 536 x 65 536 pixels, half the bytes to build, encode and read again for the overviews."""
+        return np.dtype(np.uint32 if self.shape[0] * self.shape[1] < 2**32 else np.uint64)
 
     @property
     def staged_folder(self) -> Path:
@@ -103,7 +108,7 @@ def create_mosaic(
         return mosaic
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(mosaic.staged_folder, ignore_errors=True)
-    dataset = _declare(scene.shape, grid.core, scene.geobox.affine, scene.geobox.crs.wkt)
+    dataset = _declare(scene.shape, grid.core, scene.geobox.affine, scene.geobox.crs.wkt, mosaic.instance_dtype)
     codes = [LABEL_BACKGROUND, *range(1, len(labels) + 1), LABEL_NODATA]
     dataset["label"].attrs.update(flag_values=codes, flag_meanings=" ".join(["background", *labels, "nodata"]))
     dataset.attrs.update(scene_id=scene.scene_id, source=scene.uri)
@@ -111,19 +116,22 @@ def create_mosaic(
     return mosaic
 
 
-def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str) -> xr.Dataset:
-    """A lazy dataset of the mosaic's arrays, all fill values, on a grid (coordinates, CRS, chunking)."""
+def _declare(shape: tuple[int, int], chunk: int, affine: Affine, crs_wkt: str, instance: np.dtype) -> xr.Dataset:
+    """A lazy dataset of the mosaic's arrays, all fill values, on a grid (coordinates, CRS, chunking);
+    ``instance`` is the dtype of the ``instance`` array."""
     da, xr = _declaring_libraries()
     height, width = shape
     coords = {
         "y": affine.f + affine.e * (np.arange(height) + 0.5),
         "x": affine.c + affine.a * (np.arange(width) + 0.5),
     }
+    dtypes = {"label": np.uint8, "score": np.float32, "instance": instance}
     variables = {
-        name: (("y", "x"), da.full(shape, fill, dtype=dtype, chunks=chunk)) for name, (dtype, fill) in _ARRAYS.items()
+        name: (("y", "x"), da.full(shape, fill, dtype=dtypes[name], chunks=chunk))
+        for name, fill in _FILL_VALUES.items()
     }
     dataset = xr.Dataset(variables, coords=coords).rio.write_crs(crs_wkt).rio.write_transform(affine)
-    for name, (_, fill) in _ARRAYS.items():
+    for name, fill in _FILL_VALUES.items():
         dataset[name].encoding.update({"fill_value": fill, "chunks": (chunk, chunk)})
     return dataset
 
@@ -138,14 +146,23 @@ def _declaring_libraries():
     return dask.array, xarray
 
 
-def chunk_writer(group: zarr.Group, name: str) -> zarr.Array:
-    """Array ``name`` of ``group`` for writes of whole chunks, each stored as given.
+def mosaic_array(path: str, name: str) -> zarr.Array:
+    """Array ``name`` (``label``, ``overviews/2/score``...) of the mosaic at ``path``, for reads and for writes
+    of whole chunks, each stored as given.
 
-    Zarr by default checks that a chunk is not all fill value before storing it, comparing every pixel
-    with ``np.array_equal`` against a full copy of the fill value: a third of the cost of writing a chunk.
-    The pipeline writes only chunks that tiles cover (and their coarser levels), which rarely hold nothing.
+    Opened once per process and kept while its metadata file is unchanged: opening the group and the array
+    read two JSON files, about 2 ms a task for each block's few arrays. Zarr by default checks that a chunk
+    is not all fill value before storing it, comparing every pixel with ``np.array_equal`` against a full
+    copy of the fill value: a third of the cost of writing a chunk. The pipeline writes only chunks that
+    tiles cover (and their coarser levels), which rarely hold nothing.
     """
-    return group[name].with_config({"write_empty_chunks": True})
+    metadata = os.stat(Path(path, name, "zarr.json"))
+    return _opened_array(path, name, (metadata.st_ino, metadata.st_mtime_ns, metadata.st_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _opened_array(path: str, name: str, version: tuple[int, int, int]) -> zarr.Array:
+    return zarr.open_array(str(Path(path, name)), mode="r+").with_config({"write_empty_chunks": True})
 
 
 def compose(mosaic: Mosaic, result: TileResult, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,9 +193,8 @@ def write_tile(mosaic: Mosaic, tile: Tile, result: TileResult, valid: np.ndarray
         core_label = np.where(core_label == LABEL_NODATA, LABEL_NODATA, LABEL_BACKGROUND).astype(np.uint8)
         core_score = np.where(np.isnan(core_score), np.float32(np.nan), np.float32(0))
     rows, cols = tile.core_window.toslices()
-    group = zarr.open_group(mosaic.path, mode="r+")
-    chunk_writer(group, "label")[rows, cols] = core_label
-    chunk_writer(group, "score")[rows, cols] = core_score
+    mosaic_array(mosaic.path, "label")[rows, cols] = core_label
+    mosaic_array(mosaic.path, "score")[rows, cols] = core_score
     return labelled
 
 
@@ -258,8 +274,9 @@ def declare_overviews(mosaic: Mosaic) -> list[int]:
             mosaic.chunk,
             base.rio.transform() @ Affine.scale(factor),
             base.rio.crs.to_wkt(),
+            base["instance"].dtype,  # ids of the full-resolution pixels
         )
-        for name in _ARRAYS:
+        for name in _FILL_VALUES:
             dataset[name].attrs.update(base[name].attrs)
         dataset.to_zarr(
             mosaic.path, group=f"overviews/{factor}", mode="w", compute=False, zarr_format=3, consolidated=False
@@ -309,10 +326,9 @@ def _block_means(values):
 def write_overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:
     """Write chunk ``key`` of level ``factor`` of the ``arrays`` given (by name) from the 2 x 2 chunks of the
     level before that it covers."""
-    level = zarr.open_group(mosaic.path, mode="r+")[f"overviews/{factor}"]
     rows, cols = (slice(k * mosaic.chunk, (k + 1) * mosaic.chunk) for k in key)
     for name, values in arrays.items():
-        chunk_writer(level, name)[rows, cols] = coarsen(name, values)
+        mosaic_array(mosaic.path, f"overviews/{factor}/{name}")[rows, cols] = coarsen(name, values)
 
 
 def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
@@ -331,7 +347,7 @@ def compute_overviews(mosaic: Mosaic, factors: Sequence[int]) -> None:
 
 
 def _overview_chunk(mosaic: Mosaic, factor: int, key: tuple[int, int], *after: None) -> None:
-    root = zarr.open_group(mosaic.path, mode="r")
-    finer = root if factor == 2 else root[f"overviews/{factor // 2}"]
+    finer = "" if factor == 2 else f"overviews/{factor // 2}/"
     rows, cols = (slice(2 * k * mosaic.chunk, 2 * (k + 1) * mosaic.chunk) for k in key)
-    write_overview_chunk(mosaic, factor, key, {name: finer[name][rows, cols] for name in OVERVIEW_RESAMPLING})
+    arrays = {name: mosaic_array(mosaic.path, finer + name)[rows, cols] for name in OVERVIEW_RESAMPLING}
+    write_overview_chunk(mosaic, factor, key, arrays)

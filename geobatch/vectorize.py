@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask
 import numba
@@ -50,14 +51,14 @@ import shapely
 import zarr
 from affine import Affine
 from pyarrow import feather
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from geobatch.catalog_rows import wkb_rows
 from geobatch.polygonize import Runs, WkbPolygons, boundary_runs, polygon_wkb
-from geobatch.scenes import Scene
-from geobatch.stitch import Mosaic, chunk_writer, coarsen, write_overview_chunk
+from geobatch.stitch import Mosaic, coarsen, mosaic_array, write_overview_chunk
 from geobatch.tiling import TileGrid, plan_tiles
+
+if TYPE_CHECKING:  # the block tasks' workers need neither
+    from geobatch.scenes import Scene
 
 _AREA_SAMPLE_STEP = 32  # pixels between the points where a pixel's ground area is measured
 _LONLAT_STEP = 32  # pixels between the grid nodes where longitude and latitude are exact (Georeference.lonlat)
@@ -235,6 +236,7 @@ class MosaicPlan:
     labels: tuple[str, ...]
     georeference: Georeference
     staging: Path
+    instance_dtype: np.dtype
 
     @property
     def codes(self) -> tuple[int, ...]:
@@ -334,7 +336,10 @@ def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[
     shutil.rmtree(staging, ignore_errors=True)
     for folder in ("pieces", "runs", "crossing"):
         (staging / folder).mkdir(parents=True)
-    plan = MosaicPlan(mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, Georeference.of(scene), staging)
+    georeference = Georeference.of(scene)
+    plan = MosaicPlan(
+        mosaic.path, mosaic.scene_id, mosaic.shape[1], mosaic.labels, georeference, staging, mosaic.instance_dtype
+    )
     blocks = _block_slices(mosaic)
     overview_of = mosaic if overview else None
     try:
@@ -488,14 +493,13 @@ def _pieces(plan: MosaicPlan, key: BlockKey, where: tuple[slice, slice], overvie
     """Step 1 for one block: stage its whole objects as catalog rows and its border pieces' runs; return its
     border pieces. Writes the block's ``label`` and ``score`` to overview level 2 if asked."""
     _heap(keep=True)
-    group = zarr.open_group(plan.path, mode="r")
-    label, score = group["label"][where], group["score"][where]
+    label, score = (mosaic_array(plan.path, name)[where] for name in ("label", "score"))
     if overview is not None:
         write_overview_chunk(overview, 2, key, {"label": label, "score": score})
     components = _components(label, plan.codes, where, plan.width)
     score_sums = components.sums(score)
     areas = plan.georeference.area_sums(components.local, components.count, *where)
-    frame = components.framed(label, _label_halo(group["label"], where))
+    frame = components.framed(label, _label_halo(mosaic_array(plan.path, "label"), where))
     pieces = BorderPieces.of(components, score_sums, areas, frame)
     runs = boundary_runs(frame, (where[0].start, where[1].start))
     del frame
@@ -555,6 +559,9 @@ def _join(blocks: dict[BlockKey, BorderPieces], large: int) -> tuple[ObjectTable
 
     Returns the objects and, per block, the object id of each of its border pieces.
     """
+    from scipy.sparse import coo_matrix  # on the driver only: a tenth of a block task worker's imports
+    from scipy.sparse.csgraph import connected_components
+
     bases, total = {}, 0
     for key, pieces in blocks.items():
         bases[key] = total
@@ -642,17 +649,17 @@ def _instances(
     """Step 3 for one block: write its ``instance`` array (and overview level 2 of it, if asked), and sort its
     border pieces' staged runs into their objects' tracing buckets."""
     _heap(keep=True)
-    group = zarr.open_group(plan.path, mode="r+")
-    components = _components(group["label"][where], plan.codes, where, plan.width)  # again: cheaper than staging
-    object_of_local = np.concatenate(([0], components.first + 1)).astype(np.uint64)
+    label = mosaic_array(plan.path, "label")[where]
+    components = _components(label, plan.codes, where, plan.width)  # again: cheaper than staging its ids
+    object_of_local = np.concatenate(([0], components.first + 1))
     object_of_local[pieces.ids] = pieces.object_ids
-    instance = object_of_local[components.local]
-    chunk_writer(group, "instance")[where] = instance  # whole chunks: aligned writes
+    instance = object_of_local.astype(plan.instance_dtype)[components.local]
+    mosaic_array(plan.path, "instance")[where] = instance  # whole chunks: aligned writes
     if overview is not None:
         write_overview_chunk(overview, 2, key, {"instance": instance})
-    del instance, components
+    del label, instance, components
     staged = _staged_runs([_staged_pieces(plan.staging, key)])
-    runs = dataclasses.replace(staged, ids=object_of_local[staged.ids].astype(np.int64))
+    runs = dataclasses.replace(staged, ids=object_of_local[staged.ids])
     bucket_of = pieces.objects.bucket[np.searchsorted(pieces.objects.ids, runs.ids)]
     for bucket in np.unique(bucket_of):
         folder = plan.staging / "runs" / str(bucket)

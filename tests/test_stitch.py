@@ -1,7 +1,12 @@
 import numpy as np
+import xarray as xr
+from affine import Affine
+from odc.geo.geobox import GeoBox
 
 from geobatch.models.base import Instance, TileResult
-from geobatch.stitch import LABEL_NODATA, Mosaic, compose
+from geobatch.scenes import Scene
+from geobatch.stitch import LABEL_NODATA, Mosaic, compose, create_mosaic, declare_overviews
+from geobatch.tiling import TileGrid
 
 
 def instance(mask, score=0.7, score_map=None) -> Instance:
@@ -28,3 +33,16 @@ def test_a_tile_with_no_instances_is_background_where_valid():
     label, score = compose(mosaic, TileResult("t", {"water": []}), np.array([[1, 0], [1, 1]], bool))
     assert label.tolist() == [[0, LABEL_NODATA], [0, 0]]
     assert np.isnan(score[0, 1]) and (score[[0, 1, 1], [0, 0, 1]] == 0).all()
+
+
+def test_instance_ids_take_uint32_up_to_2_to_the_32_pixels_and_uint64_beyond_in_every_level(tmp_path):
+    """An id is at most a pixel index + 1; the coarser levels hold the full-resolution ids."""
+    for side, dtype in ((65_535, np.uint32), (65_537, np.uint64)):
+        geobox = GeoBox((side, side), Affine(10, 0, 500_000, 0, -10, 5_000_000), "EPSG:32633")
+        scene = Scene(f"s{side}", "unused.tif", None, geobox, {}, {})
+        mosaic = create_mosaic(scene, TileGrid(8192, 0), ["water"], tmp_path / f"{side}.zarr")
+        factors = declare_overviews(mosaic)
+        assert mosaic.instance_dtype == dtype
+        for group in [None, *(f"overviews/{f}" for f in factors)]:
+            level = xr.open_zarr(mosaic.path, group=group, consolidated=False)
+            assert level["instance"].dtype == dtype, group

@@ -10,14 +10,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from odc.geo.geobox import GeoBox
 
 from geobatch.errors import UnknownModel
-from geobatch.scenes import InputValues
 from geobatch.tiling import Tile
+
+if TYPE_CHECKING:  # annotations only: the workers that stitch and vectorise import this module too
+    from odc.geo.geobox import GeoBox
+
+    from geobatch.scenes import InputValues
 
 MODELS: dict[str, str] = {
     "spectral": "geobatch.models.spectral:Spectral",
