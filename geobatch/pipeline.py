@@ -43,7 +43,7 @@ from geobatch.ledger import JobLock, Ledger, job_fingerprint, product_key
 from geobatch.models.base import ObjectKind, Prompt, load_model, objects_of
 from geobatch.regions import make_region
 from geobatch.scenes import Region, Scene, SceneFailure, SceneLike, discover, open_scene
-from geobatch.stitch import Mosaic, compute_overviews, create_mosaic, declare_overviews
+from geobatch.stitch import Mosaic, compute_overviews, create_mosaic, overview_factors
 from geobatch.tiling import TileGrid, plan_tiles
 from geobatch.vectorize import vectorize
 
@@ -371,7 +371,7 @@ def _finish_scene(
         outcome = SceneOutcome(scene.scene_id, scene.uri, status, reason, *counts)
         ledger.record_scene(scene.scene_id, dataclasses.asdict(outcome))
         return outcome
-    overviews = declare_overviews(mosaic)
+    overviews = overview_factors(mosaic)  # declared with the mosaic
     if mosaic.objects == "instances":
         found, remaining = [catalog.geoparquet_table(merge_instances(mosaic, scene, grid))], overviews
     else:  # vectorising writes the first overview level from the pixels it reads anyway

@@ -96,7 +96,7 @@ def create_mosaic(
     keep_existing: bool = False,
     objects: ObjectKind = "components",
 ) -> Mosaic:
-    """Declare an empty mosaic for ``scene`` at ``path``; writes no pixel chunk.
+    """Declare an empty mosaic for ``scene`` at ``path``, with its overview levels; writes no pixel chunk.
 
     A mosaic already at ``path`` is replaced, or with ``keep_existing`` kept with the chunks written so far
     (and the instances staged so far).
@@ -105,6 +105,8 @@ def create_mosaic(
         raise ValueError(f"a mosaic holds at most {MAX_LABELS} labels, got {len(labels)}")
     mosaic = Mosaic(scene.scene_id, str(path), scene.shape, grid.core, tuple(labels), objects)
     if keep_existing and Path(path).exists():
+        if "overviews" not in zarr.open_group(str(path), mode="r").attrs:  # started by a version that declared
+            declare_overviews(mosaic)  # them only when finishing
         return mosaic
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(mosaic.staged_folder, ignore_errors=True)
@@ -113,6 +115,7 @@ def create_mosaic(
     dataset["label"].attrs.update(flag_values=codes, flag_meanings=" ".join(["background", *labels, "nodata"]))
     dataset.attrs.update(scene_id=scene.scene_id, source=scene.uri)
     dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
+    declare_overviews(mosaic)  # now, while the tiles' workers start: finishing the scene only fills them
     return mosaic
 
 
@@ -257,7 +260,8 @@ def overview_factors(mosaic: Mosaic) -> list[int]:
 
 
 def declare_overviews(mosaic: Mosaic) -> list[int]:
-    """Declare a mosaic's empty coarser levels for viewers; returns their factors (2, 4, 8...).
+    """Declare a mosaic's empty coarser levels for viewers (:func:`create_mosaic` does); returns their factors
+    (2, 4, 8...).
 
     Level ``f`` is the group ``overviews/f``: a dataset like the mosaic (same arrays, CRS, chunking) on a
     grid ``f`` times coarser. ``label`` and ``instance`` take the first pixel of each block (a class or an

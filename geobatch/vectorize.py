@@ -322,7 +322,7 @@ class ObjectTable:
 def vectorize(mosaic: Mosaic, scene: Scene, overview: bool = False) -> Iterator[pa.Table]:
     """Every labelled object of ``mosaic`` as catalog rows, a block at a time; writes its ``instance`` array.
 
-    With ``overview``, also writes the mosaic's overview level 2 (declared by ``stitch.declare_overviews``)
+    With ``overview``, also writes the mosaic's overview level 2 (declared by ``stitch.create_mosaic``)
     from the pixels steps 1 and 3 hold anyway.
 
     Arrow batches with ``object_id``, ``label``, ``score`` (mean pixel score), ``pixels``, ``area_m2``

@@ -1,11 +1,12 @@
 import numpy as np
 import xarray as xr
+import zarr
 from affine import Affine
 from odc.geo.geobox import GeoBox
 
 from geobatch.models.base import Instance, TileResult
 from geobatch.scenes import Scene
-from geobatch.stitch import LABEL_NODATA, Mosaic, compose, create_mosaic, declare_overviews
+from geobatch.stitch import LABEL_NODATA, Mosaic, compose, create_mosaic, overview_factors
 from geobatch.tiling import TileGrid
 
 
@@ -41,8 +42,26 @@ def test_instance_ids_take_uint32_up_to_2_to_the_32_pixels_and_uint64_beyond_in_
         geobox = GeoBox((side, side), Affine(10, 0, 500_000, 0, -10, 5_000_000), "EPSG:32633")
         scene = Scene(f"s{side}", "unused.tif", None, geobox, {}, {})
         mosaic = create_mosaic(scene, TileGrid(8192, 0), ["water"], tmp_path / f"{side}.zarr")
-        factors = declare_overviews(mosaic)
+        factors = overview_factors(mosaic)
         assert mosaic.instance_dtype == dtype
         for group in [None, *(f"overviews/{f}" for f in factors)]:
             level = xr.open_zarr(mosaic.path, group=group, consolidated=False)
             assert level["instance"].dtype == dtype, group
+
+
+def test_a_kept_mosaic_started_without_overview_levels_gets_them_declared(tmp_path):
+    """Mosaics are declared with their levels; one kept from a version that declared them only when
+    finishing the scene gets them when reopened, chunks written so far kept."""
+    geobox = GeoBox((3000, 2000), Affine(10, 0, 500_000, 0, -10, 5_000_000), "EPSG:32633")
+    scene = Scene("s", "unused.tif", None, geobox, {}, {})
+    mosaic = create_mosaic(scene, TileGrid(1024, 0), ["water"], tmp_path / "s.zarr")
+    group = zarr.open_group(mosaic.path, mode="r+")
+    group["label"][:1024, :1024] = 1
+    del group.attrs["overviews"], group["overviews"]
+    create_mosaic(scene, TileGrid(1024, 0), ["water"], tmp_path / "s.zarr", keep_existing=True)
+    assert zarr.open_group(mosaic.path, mode="r").attrs["overviews"]["factors"] == overview_factors(mosaic) == [2, 4]
+    for factor in (2, 4):
+        assert xr.open_zarr(mosaic.path, group=f"overviews/{factor}", consolidated=False).sizes["y"] == -(
+            -3000 // factor
+        )
+    assert (xr.open_zarr(mosaic.path, consolidated=False)["label"][:1024, :1024] == 1).all()
