@@ -12,6 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from conftest import NAIP_2010, SHARED_DATA, open_mosaic, write_job
 from typer.testing import CliRunner
 
@@ -19,6 +20,7 @@ from geobatch.cli import app
 from geobatch.jobs import load_job
 from geobatch.pipeline import run_job
 from geobatch.quicklook import OUTLINE, PALETTE
+from geobatch.run_report import _visible_rings
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # PNGs have no CRS
@@ -129,3 +131,20 @@ def test_the_report_renders_in_headless_chromium_and_requests_nothing_but_its_ow
         pixels.shape[1:] == (3000, 1200)
         and np.unique(pixels.reshape(pixels.shape[0], -1)[:, ::7], axis=1).shape[1] > 100
     )
+
+
+def test_outlines_keep_the_rings_a_map_pixel_across_from_any_polygon_wkb():
+    """Rings are measured in the WKB itself; polygons, multipolygons and big-endian WKB give shapely's rings."""
+    shell = shapely.box(0, 0, 10, 10)
+    holed = shell.difference(shapely.union_all([shapely.box(1, 1, 4, 4), shapely.box(6, 6, 6.5, 6.5)]))
+    multi = shapely.MultiPolygon([shapely.box(20, 0, 20.5, 0.5), shapely.box(30, 0, 33, 2)])
+    wkb = np.array(
+        [shapely.to_wkb(holed), shapely.to_wkb(multi), shapely.to_wkb(shapely.box(40, 0, 42, 2), byte_order=0)],
+        object,  # as Arrow gives them
+    )
+    rings = shapely.get_rings(shapely.get_parts(shapely.from_wkb(wkb)))
+    bounds = shapely.bounds(rings)
+    expected = rings[np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]) >= 1]
+    outlines = _visible_rings(wkb, 1.0)
+    assert len(outlines) == 4  # the shell, the 3 x 3 hole, the 3 x 2 part, the big-endian box
+    assert shapely.equals_exact(outlines, shapely.simplify(expected, 0.5, preserve_topology=False), 0).all()
