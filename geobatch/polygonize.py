@@ -238,6 +238,15 @@ def _scan_runs(padded, row0, col0, ids, x, y, direction, length):
         for c in range(width + 1):
             inside = r < height and c < width
             v = padded[r + 1, c + 1] if inside else padded[0, 0] * 0
+            if (
+                inside
+                and top_start < 0
+                and bottom_start < 0
+                and right_start[c] < 0
+                and left_start[c] < 0
+                and v == padded[r, c + 1] == padded[r + 2, c + 1] == padded[r + 1, c + 2] == padded[r + 1, c]
+            ):
+                continue  # inside a region or the background, with no run open: nothing to write or to close
             # horizontal runs: top (+x) and bottom (-x) edges
             top = inside and v != 0 and v != padded[r, c + 1]
             if top_start >= 0 and not (top and v == top_id):
