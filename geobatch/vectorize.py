@@ -736,12 +736,14 @@ def _heap(keep: bool) -> None:
     """How the worker's heap treats large arrays from now on (glibc; one malloc arena per worker, see
     ``pipeline.WORKER_ENVIRONMENT``).
 
-    ``keep``: arrays up to 256 MiB come from the heap, which keeps up to 512 MiB free for the next task.
+    ``keep``: arrays up to 256 MiB, NumPy's and Arrow's, come from the heap, which keeps up to 512 MiB free
+    for the next task.
     Mapped afresh for every block, a block's arrays (16-32 MiB) took a page fault per 4 KiB: 40 % of
     writing its ``instance``. Otherwise (traces, which hold the peak): large arrays are mapped and unmapped
     again (glibc's defaults), and what the heap and Arrow's pool keep is handed back now.
     """
     mmap, trim = (256 * 2**20, 512 * 2**20) if keep else (128 * 2**10, 128 * 2**10)
+    pa.set_memory_pool(pa.system_memory_pool())  # Arrow's buffers too (mimalloc took a fault a page: 1.2 ms a chunk)
     with contextlib.suppress(OSError, AttributeError):  # glibc only
         libc = _libc()
         libc.mallopt(_M_MMAP_THRESHOLD, mmap)
