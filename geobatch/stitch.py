@@ -115,7 +115,7 @@ def create_mosaic(
     dataset["label"].attrs.update(flag_values=codes, flag_meanings=" ".join(["background", *labels, "nodata"]))
     dataset.attrs.update(scene_id=scene.scene_id, source=scene.uri)
     dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
-    declare_overviews(mosaic)  # now, while the tiles' workers start: finishing the scene only fills them
+    declare_overviews(mosaic)  # now: finishing the scene only fills them
     return mosaic
 
 
@@ -259,9 +259,9 @@ def overview_factors(mosaic: Mosaic) -> list[int]:
     return factors
 
 
-def declare_overviews(mosaic: Mosaic) -> list[int]:
-    """Declare a mosaic's empty coarser levels for viewers (:func:`create_mosaic` does); returns their factors
-    (2, 4, 8...).
+def declare_overviews(mosaic: Mosaic) -> None:
+    """Declare a mosaic's empty coarser levels for viewers, of factors :func:`overview_factors` (2, 4, 8...);
+    :func:`create_mosaic` does.
 
     Level ``f`` is the group ``overviews/f``: a dataset like the mosaic (same arrays, CRS, chunking) on a
     grid ``f`` times coarser. ``label`` and ``instance`` take the first pixel of each block (a class or an
@@ -290,7 +290,6 @@ def declare_overviews(mosaic: Mosaic) -> list[int]:
         "factors": factors,
         "resampling": OVERVIEW_RESAMPLING,
     }
-    return factors
 
 
 def _level_shape(mosaic: Mosaic, factor: int) -> tuple[int, int]:

@@ -14,6 +14,12 @@ def instance(mask, score=0.7, score_map=None) -> Instance:
     return Instance(np.asarray(mask, bool), score, "p", score_map)
 
 
+def utm_scene(scene_id: str, height: int, width: int) -> Scene:
+    """A scene's grid alone (10 m UTM pixels), for declaring mosaics: no file is read."""
+    geobox = GeoBox((height, width), Affine(10, 0, 500_000, 0, -10, 5_000_000), "EPSG:32633")
+    return Scene(scene_id, "unused.tif", None, geobox, {}, {})
+
+
 def test_earlier_prompt_wins_overlaps_and_nodata_wins_over_everything():
     mosaic = Mosaic("s", "unused", (2, 3), 256, ("water", "vegetation"))
     result = TileResult(
@@ -39,9 +45,9 @@ def test_a_tile_with_no_instances_is_background_where_valid():
 def test_instance_ids_take_uint32_up_to_2_to_the_32_pixels_and_uint64_beyond_in_every_level(tmp_path):
     """An id is at most a pixel index + 1; the coarser levels hold the full-resolution ids."""
     for side, dtype in ((65_535, np.uint32), (65_537, np.uint64)):
-        geobox = GeoBox((side, side), Affine(10, 0, 500_000, 0, -10, 5_000_000), "EPSG:32633")
-        scene = Scene(f"s{side}", "unused.tif", None, geobox, {}, {})
-        mosaic = create_mosaic(scene, TileGrid(8192, 0), ["water"], tmp_path / f"{side}.zarr")
+        mosaic = create_mosaic(
+            utm_scene(f"s{side}", side, side), TileGrid(8192, 0), ["water"], tmp_path / f"{side}.zarr"
+        )
         factors = overview_factors(mosaic)
         assert mosaic.instance_dtype == dtype
         for group in [None, *(f"overviews/{f}" for f in factors)]:
@@ -52,8 +58,7 @@ def test_instance_ids_take_uint32_up_to_2_to_the_32_pixels_and_uint64_beyond_in_
 def test_a_kept_mosaic_started_without_overview_levels_gets_them_declared(tmp_path):
     """Mosaics are declared with their levels; one kept from a version that declared them only when
     finishing the scene gets them when reopened, chunks written so far kept."""
-    geobox = GeoBox((3000, 2000), Affine(10, 0, 500_000, 0, -10, 5_000_000), "EPSG:32633")
-    scene = Scene("s", "unused.tif", None, geobox, {}, {})
+    scene = utm_scene("s", 3000, 2000)
     mosaic = create_mosaic(scene, TileGrid(1024, 0), ["water"], tmp_path / "s.zarr")
     group = zarr.open_group(mosaic.path, mode="r+")
     group["label"][:1024, :1024] = 1
