@@ -13,10 +13,12 @@ import datetime as dt
 import html
 import json
 import logging
+import os
 import re
 import shutil
 import sqlite3
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import geopandas as gpd
@@ -144,18 +146,28 @@ def _outlines(files: list[Path], pixel: float) -> gpd.GeoSeries:
     parquets = [pq.ParquetFile(path) for path in files]
     candidates = [_visible(parquet, pixel) for parquet in parquets]
     found = pd.concat(candidates, keys=range(len(files)), names=["file", None]).reset_index(level="file")
-    chosen = found.nlargest(MAX_OUTLINES, "area_m2", keep="first")
-    outlines = []
-    for (file, group), rows in chosen.groupby(["file", "group"]):
-        column = parquets[file].read_row_group(group, columns=["geometry"]).column("geometry")
-        wkb = column.take(rows["row"].to_numpy()).to_numpy(zero_copy_only=False)
-        sizes = np.cumsum([len(value) for value in wkb])
-        for batch in np.split(wkb, np.flatnonzero(np.diff(sizes // OUTLINE_BATCH_BYTES)) + 1):
-            outlines.append(_visible_rings(batch, pixel))
-        if column.nbytes > OUTLINE_BATCH_BYTES:  # a row group of large objects: Arrow's pool keeps it otherwise
-            del column, wkb  # (the others it reuses: mapped afresh for each, they took a page fault per 4 KiB)
-            pa.default_memory_pool().release_unused()
+    chosen = found.nlargest(MAX_OUTLINES, "area_m2", keep="first").groupby(["file", "group"])["row"]
+
+    def draw(item: tuple[tuple[int, int], pd.Series]) -> np.ndarray:
+        (file, group), rows = item  # a reader per task: a ParquetFile is not to be shared between threads
+        parquet = pq.ParquetFile(files[file], metadata=parquets[file].metadata)
+        return _group_outlines(parquet, group, rows, pixel)
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # Parquet, Numba and GEOS release the GIL
+        outlines = list(pool.map(draw, chosen))
     return gpd.GeoSeries(np.concatenate(outlines) if outlines else [], crs=4326)
+
+
+def _group_outlines(parquet: pq.ParquetFile, group: int, rows: pd.Series, pixel: float) -> np.ndarray:
+    """The visible rings of ``rows`` of one row group, decoded ``OUTLINE_BATCH_BYTES`` of WKB at a time."""
+    column = parquet.read_row_group(group, columns=["geometry"]).column("geometry")
+    wkb = column.take(rows.to_numpy()).to_numpy(zero_copy_only=False)
+    sizes = np.cumsum([len(value) for value in wkb])
+    rings = [_visible_rings(batch, pixel) for batch in np.split(wkb, np.flatnonzero(np.diff(sizes // OUTLINE_BATCH_BYTES)) + 1)]
+    if column.nbytes > OUTLINE_BATCH_BYTES:  # a row group of large objects: Arrow's pool keeps it otherwise
+        del column, wkb  # (the others it reuses: mapped afresh for each, they took a page fault per 4 KiB)
+        pa.default_memory_pool().release_unused()
+    return np.concatenate(rings)
 
 
 def _visible_rings(wkb: np.ndarray, pixel: float) -> np.ndarray:
