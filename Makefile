@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
-	$(BIN)/python -c 'from geobatch.vectorize import compile_kernels; compile_kernels()'
+	$(BIN)/python -c 'from geobatch import run_report, vectorize; vectorize.compile_kernels(); run_report.compile_kernels()'
 	touch $(STAMP)
 
 run: $(STAMP)

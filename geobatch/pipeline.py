@@ -307,7 +307,7 @@ def _ray_session(address: str | None, closing: contextlib.ExitStack) -> Iterator
         return
     for name, value in WORKER_ENVIRONMENT.items():  # a local Ray's workers inherit it
         os.environ.setdefault(name, value)
-    # ray.init mostly waits for Ray's processes: Dask-on-Ray's imports (0.7 s: they pull in Dask's dataframes) meanwhile
+    # ray.init mostly waits for Ray's processes: meanwhile Dask-on-Ray is imported (0.7 s: Dask's dataframes)
     importing = threading.Thread(target=importlib.import_module, args=("ray.util.dask",), name="import-dask-on-ray")
     importing.start()
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)

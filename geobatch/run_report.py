@@ -141,8 +141,9 @@ def _outlines(files: list[Path], pixel: float) -> gpd.GeoSeries:
     shows them). They are chosen from the small ``bbox`` and ``area_m2`` columns; only the chosen
     geometries are decoded, ``OUTLINE_BATCH_BYTES`` of WKB at a time, and of each only the rings (shells
     and holes) at least a pixel across are kept, simplified to half a pixel as lines (simplifying
-    polygons of thousands of holes as polygons repairs each result: 23 s for 20 000 of them). Memory
-    thus holds one batch, or the largest object, however many objects the scene has."""
+    polygons of thousands of holes as polygons repairs each result: 23 s for 20 000 of them). Row groups
+    are drawn on a thread per CPU (up to 4), so memory holds a batch, or the largest object, per thread,
+    however many objects the scene has."""
     parquets = [pq.ParquetFile(path) for path in files]
     candidates = [_visible(parquet, pixel) for parquet in parquets]
     found = pd.concat(candidates, keys=range(len(files)), names=["file", None]).reset_index(level="file")
@@ -163,11 +164,18 @@ def _group_outlines(parquet: pq.ParquetFile, group: int, rows: pd.Series, pixel:
     column = parquet.read_row_group(group, columns=["geometry"]).column("geometry")
     wkb = column.take(rows.to_numpy()).to_numpy(zero_copy_only=False)
     sizes = np.cumsum([len(value) for value in wkb])
-    rings = [_visible_rings(batch, pixel) for batch in np.split(wkb, np.flatnonzero(np.diff(sizes // OUTLINE_BATCH_BYTES)) + 1)]
+    batches = np.split(wkb, np.flatnonzero(np.diff(sizes // OUTLINE_BATCH_BYTES)) + 1)
+    rings = [_visible_rings(batch, pixel) for batch in batches]
     if column.nbytes > OUTLINE_BATCH_BYTES:  # a row group of large objects: Arrow's pool keeps it otherwise
         del column, wkb  # (the others it reuses: mapped afresh for each, they took a page fault per 4 KiB)
         pa.default_memory_pool().release_unused()
     return np.concatenate(rings)
+
+
+def compile_kernels() -> None:
+    """Compile the outline kernels into Numba's cache, so that a run's first report loads them (0.3 s) rather
+    than compiling them (4.4 s); set-up runs it."""
+    _visible_rings(shapely.to_wkb(np.array([shapely.box(0, 0, 1, 1)])), 0.5)
 
 
 def _visible_rings(wkb: np.ndarray, pixel: float) -> np.ndarray:
